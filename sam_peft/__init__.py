@@ -1,0 +1,35 @@
+"""sam-peft: sparse fine-tuning with data-driven parameter selection (SAM, Fu et al. 2023) as a peft method.
+
+`import sam_peft` registers the method with peft; then `peft.get_peft_model(model, sam_peft.SAMConfig())`.
+"""
+
+from .config import SAMConfig, SparseDiffConfig
+from .errors import (
+    BaseModelMismatchError,
+    ConfigError,
+    DeltaFileError,
+    NotSelectedError,
+    SamPeftError,
+    SelectionError,
+)
+from .model import SparseDiffModel
+from .registration import PEFT_TYPE, register
+from .selection import selected_indices
+
+register()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PEFT_TYPE",
+    "BaseModelMismatchError",
+    "ConfigError",
+    "DeltaFileError",
+    "NotSelectedError",
+    "SAMConfig",
+    "SamPeftError",
+    "SelectionError",
+    "SparseDiffConfig",
+    "SparseDiffModel",
+    "selected_indices",
+]

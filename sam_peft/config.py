@@ -1,0 +1,165 @@
+"""Configuration of the sparse-delta tuner: ``SparseDiffConfig`` and its SAM preset ``SAMConfig``."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+SELECTIONS = ("sam", "fisher", "sam_hessian", "magnitude", "random", "bitfit")
+DATA_FREE_SELECTIONS = ("magnitude", "random", "bitfit")
+ALLOCATIONS = ("per_tensor", "global")
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SparseDiffConfig(PeftConfig):
+    """Configuration of a sparse fine-tuning adapter: a sparse delta (indices + values) per targeted tensor.
+
+    Args:
+        sparsity (`float`): The fraction p of the targeted parameters that are tuned, in (0, 1]
+            (0.005 = 0.5 %, the paper's p). Note: peft's Supertuning uses the opposite convention
+            (its 0.995 is our 0.005); values above 0.5 log a warning.
+        selection (`str`): How entries are chosen: "sam" ((Σ g)², burn-in), "fisher" (Σ g², burn-in),
+            "sam_hessian" (g²/ĥ with a Hutchinson Hessian diagonal, burn-in), or the data-free
+            "magnitude" (|θ0|), "random" (seeded) and "bitfit" (every bias, no budget). Data-free
+            selections are made when the adapter is created; the others by `sam_peft.select_parameters`.
+        allocation (`str`): "per_tensor" keeps floor(p·numel) entries of each tensor (the paper's code);
+            "global" keeps floor(p·N) entries over all N targeted parameters (the paper's Theorem 3).
+        target_modules (`list[str] | str | None`): Modules whose own parameters are tuned. None (default):
+            every module of the base model that owns parameters (embeddings, attention, FFN, LayerNorm,
+            biases), except `modules_to_save` (the task head, trained densely).
+        exclude_modules (`list[str] | str | None`): Modules never tuned (names or a regex).
+        modules_to_save (`list[str] | None`): Modules trained densely and saved (e.g. the classifier head).
+            For task type SEQ_CLS peft adds the head automatically.
+        init_weights (`bool`): True: delta values start at zero (the model equals the base). False:
+            small random values (for tests only).
+        seed (`int`): Seed of the "random" selection and of non-zero initialisation.
+        counts (`dict[str, int] | None`): Entries per base parameter name, filled when the entries are
+            selected and used to rebuild exact shapes on load. Not set by hand.
+        base_fingerprint (`str | None`): Fingerprint of the base weights the delta was recorded on.
+        base_architecture (`str | None`): Class name of the base model.
+        format_version (`int`): Version of the adapter format; newer unknown versions are refused.
+    """
+
+    sparsity: float = field(
+        default=0.005,
+        metadata={"help": "Fraction of targeted parameters tuned (0.005 = 0.5 %). Opposite of Supertuning."},
+    )
+    selection: str = field(
+        default="magnitude", metadata={"help": f"Entry selection signal, one of {', '.join(SELECTIONS)}."}
+    )
+    allocation: str = field(
+        default="per_tensor", metadata={"help": "'per_tensor' (floor(p*numel) per tensor) or 'global'."}
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Modules whose own parameters are tuned; None = every parameter except the head."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules never tuned (list of names or a regex)."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained densely and saved, e.g. the classifier head."}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "Zero-initialise the delta values (False: random, for tests)."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the random selection and random init."})
+    counts: Optional[dict[str, int]] = field(
+        default=None, metadata={"help": "Selected entries per base parameter (filled by the selection)."}
+    )
+    base_fingerprint: Optional[str] = field(
+        default=None, metadata={"help": "Fingerprint of the base weights the delta belongs to."}
+    )
+    base_architecture: Optional[str] = field(
+        default=None, metadata={"help": "Class name of the base model the delta belongs to."}
+    )
+    format_version: int = field(default=FORMAT_VERSION, metadata={"help": "sam-peft adapter format version."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from .registration import PEFT_TYPE
+
+        self.peft_type = PEFT_TYPE
+        self._validate()
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+
+    def _validate(self) -> None:
+        p = self.sparsity
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or not 0.0 < p <= 1.0:
+            raise ConfigError(
+                f"sparsity={p!r} is invalid: it is the fraction of parameters tuned and must be in (0, 1], "
+                "e.g. 0.005 for 0.5 %."
+            )
+        if p > 0.5:
+            logger.warning(
+                "sparsity=%s tunes %.0f %% of the targeted parameters. sam-peft's sparsity is the fraction "
+                "tuned (peft's Supertuning uses the opposite convention); did you mean %s?",
+                p, 100 * p, round(1 - p, 6),
+            )
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"selection={self.selection!r} is unknown; choose one of {list(SELECTIONS)}.")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"allocation={self.allocation!r} is unknown; choose one of {list(ALLOCATIONS)}.")
+        if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:
+            raise ConfigError(
+                f"adapter format_version={self.format_version!r} is newer than this sam-peft understands "
+                f"(≤ {FORMAT_VERSION}); upgrade sam-peft to load it."
+            )
+        if self.counts is not None:
+            bad = {k: v for k, v in self.counts.items() if not isinstance(v, int) or v < 0}
+            if bad:
+                raise ConfigError(f"counts must be non-negative integers; got {bad}. Re-save the adapter.")
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Write `adapter_config.json` atomically (same content as peft's writer)."""
+        import json
+        import os
+
+        from peft.utils import CONFIG_NAME
+
+        from .io import write_text_atomic
+
+        if os.path.isfile(save_directory):
+            raise ConfigError(f"{save_directory} is a file; save_pretrained needs a directory path.")
+        output = self.to_dict()
+        auto_mapping = kwargs.pop("auto_mapping_dict", None)
+        if auto_mapping is not None:
+            output["auto_mapping"] = auto_mapping
+        write_text_atomic(os.path.join(save_directory, CONFIG_NAME), json.dumps(output, indent=2, sort_keys=True))
+
+    @property
+    def is_data_free(self) -> bool:
+        """Whether the selection needs no data (it is made when the adapter is created)."""
+        return self.selection in DATA_FREE_SELECTIONS
+
+    def to_dict(self) -> dict:
+        """Serialisable dict (sets become sorted lists so the JSON file is stable)."""
+        out = super().to_dict()
+        for key in ("target_modules", "exclude_modules"):
+            if isinstance(out.get(key), set):
+                out[key] = sorted(out[key])
+        return out
+
+
+@dataclass
+class SAMConfig(SparseDiffConfig):
+    """The SAM preset (Fu et al., AAAI 2023): p = 0.5 %, entries chosen by (Σ_t g_t)² over a burn-in at θ0.
+
+    Same fields as [`SparseDiffConfig`]; only the defaults differ: `selection="sam"`, `sparsity=0.005`,
+    `allocation="per_tensor"` (as the paper's code). Call `sam_peft.select_parameters` (or use
+    `sam_peft.SAMCallback` with a Trainer) before training.
+    """
+
+    selection: str = field(default="sam", metadata={"help": "Entry selection signal (SAM preset: 'sam')."})

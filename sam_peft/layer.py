@@ -1,0 +1,245 @@
+"""Sparse-delta tuner layers: each wraps one base module and keeps, per adapter and per own parameter,
+sorted flat `indices` (an integer buffer) and trainable `values` (a 1-D float32 parameter)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from torch.func import functional_call
+
+from .functional import BlockStructure, compose, sparse_delta_embedding, sparse_delta_matmul
+
+VALUES_DTYPE = torch.float32
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """int32 for tensors with fewer than 2**31 entries, int64 otherwise."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def own_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters a module owns directly (not those of its children)."""
+    return {name: p for name, p in module._parameters.items() if p is not None}
+
+
+class SparseDiffLayer(nn.Module, BaseTunerLayer):
+    """A base module plus sparse deltas on its own parameters (generic path: dense composition).
+
+    Subclasses override `_forward_with_deltas` with on-the-fly composition for large weights.
+    """
+
+    adapter_layer_names = ("sparsediff_values",)
+    other_param_names = ("sparsediff_indices",)
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, module_key: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.module_key = module_key
+        self.sparsediff_values = nn.ModuleDict()
+        self.sparsediff_indices = nn.ModuleDict()
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._active_adapter = adapter_name
+        self._cache: dict[tuple, tuple[tuple, Any]] = {}
+        self.update_layer(adapter_name, config)
+
+    # ----------------------------------------------------------------- state
+    def update_layer(self, adapter_name: str, config) -> None:
+        """Create the (placeholder) delta of a new adapter; sizes come from `config.counts` when known."""
+        from .selection import default_count
+
+        values, indices = nn.ParameterDict(), BufferDict(persistent=True)
+        for name, param in own_parameters(self.get_base_layer()).items():
+            full_name = f"{self.module_key}.{name}"
+            if config.counts is not None:
+                count = int(config.counts.get(full_name, 0))
+            else:
+                count = default_count(config, param)
+            values[name] = nn.Parameter(torch.zeros(count, dtype=VALUES_DTYPE, device=param.device))
+            indices[name] = torch.arange(count, dtype=index_dtype(param.numel()), device=param.device)
+        self.sparsediff_values[adapter_name] = values
+        self.sparsediff_indices[adapter_name] = indices
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def set_entries(self, adapter_name: str, name: str, indices: torch.Tensor, values: torch.Tensor | None = None):
+        """Install sorted flat `indices` for parameter `name`; values become `values` (or zeros).
+
+        The values parameter keeps its identity (its `.data` is replaced), so an optimizer that already holds
+        it trains the new entries.
+        """
+        param = own_parameters(self.get_base_layer())[name]
+        self.sparsediff_indices[adapter_name][name] = indices.to(index_dtype(param.numel())).to(param.device)
+        value_param = self.sparsediff_values[adapter_name][name]
+        new = torch.zeros(indices.numel(), dtype=VALUES_DTYPE, device=param.device) if values is None else values
+        value_param.data = new.detach().to(device=param.device, dtype=VALUES_DTYPE).clone()
+        value_param.grad = None
+
+    def entries(self, adapter_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{own parameter name: (indices, values)} of one adapter."""
+        return {
+            name: (self.sparsediff_indices[adapter_name][name], values)
+            for name, values in self.sparsediff_values[adapter_name].items()
+        }
+
+    def _cached(self, key: tuple, version: tuple, build):
+        hit = self._cache.get(key)
+        if hit is None or hit[0] != version:
+            hit = (version, build())
+            self._cache[key] = hit
+        return hit[1]
+
+    def _delta(self, adapters: list[str], name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Concatenated (int64 indices, values) of the active adapters for one parameter, or None if empty."""
+        parts = [
+            (self.sparsediff_indices[a][name], self.sparsediff_values[a][name])
+            for a in adapters
+            if a in self.sparsediff_values and name in self.sparsediff_values[a]
+            and self.sparsediff_values[a][name].numel() > 0
+        ]
+        if not parts:
+            return None
+        version = tuple((idx._version, idx.data_ptr(), idx.numel()) for idx, _ in parts)
+        indices = self._cached(("idx", tuple(adapters), name), version, lambda: torch.cat([i for i, _ in parts]).long())
+        values = parts[0][1] if len(parts) == 1 else torch.cat([v for _, v in parts])
+        return indices, values
+
+    def _structure(self, adapters: list[str], name: str, indices: torch.Tensor, shape) -> BlockStructure:
+        version = (indices.data_ptr(), indices.numel(), tuple(shape))
+        return self._cached(("block", tuple(adapters), name), version, lambda: BlockStructure.build(indices, shape))
+
+    # ----------------------------------------------------------------- forward
+    def _active_with_entries(self) -> list[str]:
+        return [
+            a for a in self.active_adapters
+            if a in self.sparsediff_values and any(v.numel() for v in self.sparsediff_values[a].values())
+        ]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(*args, **kwargs)
+        adapters = [] if self.merged else self._active_with_entries()
+        if not adapters:
+            return self.base_layer(*args, **kwargs)
+        return self._forward_with_deltas(adapters, *args, **kwargs)
+
+    def _composed(self, adapters: list[str], name: str, param: torch.Tensor) -> torch.Tensor:
+        delta = self._delta(adapters, name)
+        return param if delta is None else compose(param, *delta)
+
+    def _forward_with_deltas(self, adapters: list[str], *args: Any, **kwargs: Any) -> Any:
+        base = self.get_base_layer()
+        params = {name: self._composed(adapters, name, p) for name, p in own_parameters(base).items()}
+        return functional_call(base, params, args, kwargs, strict=False)
+
+    # ----------------------------------------------------------------- merging
+    def get_delta_weight(self, adapter_name: str, name: str = "weight") -> torch.Tensor:
+        """The dense delta of one parameter (default: the weight) of an adapter."""
+        param = own_parameters(self.get_base_layer())[name]
+        indices, values = self.entries(adapter_name)[name]
+        return compose(torch.zeros_like(param), indices.long(), values.detach())
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the deltas into the base parameters in place (O(k)); `safe_merge` refuses non-finite results."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base_params = own_parameters(self.get_base_layer())
+        for adapter in adapter_names:
+            if adapter not in self.sparsediff_values:
+                continue
+            with torch.no_grad():
+                updates = {}
+                for name, (indices, values) in self.entries(adapter).items():
+                    flat = base_params[name].data.reshape(-1)
+                    if safe_merge:
+                        merged = flat.index_add(0, indices.long(), values.to(flat.dtype))
+                        if not torch.isfinite(merged).all():
+                            raise ValueError(
+                                f"Merging adapter '{adapter}' into {self.module_key}.{name} gives non-finite "
+                                "values (overflow in the base dtype or a broken delta); the base is unchanged."
+                            )
+                        updates[name] = merged
+                    else:
+                        flat.index_add_(0, indices.long(), values.to(flat.dtype))
+                for name, merged in updates.items():
+                    base_params[name].data.reshape(-1).copy_(merged)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Subtract merged deltas again (exact in fp32; within the dtype's rounding in fp16/bf16)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base_params = own_parameters(self.get_base_layer())
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter not in self.sparsediff_values:
+                continue
+            with torch.no_grad():
+                for name, (indices, values) in self.entries(adapter).items():
+                    flat = base_params[name].data.reshape(-1)
+                    flat.index_add_(0, indices.long(), -values.to(flat.dtype))
+
+
+class SparseDiffLinear(SparseDiffLayer):
+    """nn.Linear (and transformers' Conv1D, `transposed=True`) with an on-the-fly composed weight."""
+
+    transposed = False
+
+    def _forward_with_deltas(self, adapters: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        base = self.get_base_layer()
+        bias = None if base.bias is None else self._composed(adapters, "bias", base.bias)
+        delta = self._delta(adapters, "weight")
+        if delta is None:
+            return _matmul_plain(x, base.weight, bias, self.transposed)
+        indices, values = delta
+        structure = self._structure(adapters, "weight", indices, base.weight.shape)
+        return sparse_delta_matmul(x, base.weight, bias, values, indices, structure, self.transposed)
+
+
+class SparseDiffConv1D(SparseDiffLinear):
+    """transformers' Conv1D (weight stored in × out)."""
+
+    transposed = True
+
+
+class SparseDiffEmbedding(SparseDiffLayer):
+    """nn.Embedding: only the delta rows of the tokens in the batch are built."""
+
+    def _forward_with_deltas(self, adapters: list[str], input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.get_base_layer()
+        delta = self._delta(adapters, "weight")
+        options = dict(
+            padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
+        )
+        if delta is None:
+            return torch.nn.functional.embedding(input_ids, base.weight, **options)
+        return sparse_delta_embedding(input_ids, base.weight, delta[1], delta[0], **options)
+
+
+def _matmul_plain(x, weight, bias, transposed):
+    if not transposed:
+        return torch.nn.functional.linear(x, weight, bias)
+    out = x @ weight
+    return out if bias is None else out + bias
+
+
+def layer_class_for(module: nn.Module) -> type[SparseDiffLayer]:
+    """The tuner layer class that wraps `module`."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        Conv1D = ()
+    if isinstance(module, nn.Linear):
+        return SparseDiffLinear
+    if Conv1D and isinstance(module, Conv1D):
+        return SparseDiffConv1D
+    if isinstance(module, nn.Embedding) and module.max_norm is None:
+        return SparseDiffEmbedding
+    return SparseDiffLayer

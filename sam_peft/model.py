@@ -1,0 +1,237 @@
+"""`SparseDiffModel`: the peft tuner that wraps every targeted module in a sparse-delta layer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from types import SimpleNamespace
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+
+from .config import FORMAT_VERSION, SparseDiffConfig
+from .errors import BaseModelMismatchError, DeltaFileError
+from .fingerprint import architecture_of, shapes_digest, weights_fingerprint
+from .layer import SparseDiffLayer, index_dtype, layer_class_for, own_parameters
+from .registration import PREFIX
+
+logger = logging.getLogger(__name__)
+
+# Set SAM_PEFT_ALLOW_FINGERPRINT_MISMATCH=1 to load a delta on a base whose weights differ (shapes must match).
+ALLOW_MISMATCH_ENV = "SAM_PEFT_ALLOW_FINGERPRINT_MISMATCH"
+
+
+class SparseDiffModel(BaseTuner):
+    """Sparse fine-tuning: a sparse delta (indices + values) on each targeted parameter of the base model.
+
+    Created by `peft.get_peft_model(model, SparseDiffConfig(...))` after `import sam_peft`.
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = SparseDiffLayer
+    target_module_mapping: dict = {}
+
+    # ----------------------------------------------------------------- targeting
+    def _prepare_adapter_config(self, peft_config: SparseDiffConfig, model_config: dict) -> SparseDiffConfig:
+        return peft_config  # target_modules=None means "every parameter except the head"
+
+    def _prepare_model(self, peft_config: SparseDiffConfig, model: nn.Module) -> None:
+        self._candidates = candidate_modules(model)
+
+    def _check_target_module_exists(self, peft_config: SparseDiffConfig, key: str):
+        if key not in self._candidates:
+            return False
+        if peft_config.target_modules is None:
+            catch_all = SimpleNamespace(
+                exclude_modules=peft_config.exclude_modules, modules_to_save=peft_config.modules_to_save,
+                target_modules=".*", target_parameters=None, layers_to_transform=None, layers_pattern=None,
+            )
+            return check_target_module_exists(catch_all, key)
+        return check_target_module_exists(peft_config, key)
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if isinstance(target, SparseDiffLayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        new_module = layer_class_for(target)(target, adapter_name, peft_config, module_key=current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _post_injection_hook(self, model: nn.Module, config: SparseDiffConfig, adapter_name: str) -> None:
+        check_base_identity(self, config, adapter_name)
+        if config.counts is None and config.is_data_free:
+            from .selection import select_data_free
+
+            select_data_free(self, adapter_name)
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        load_entries(model, config, adapter_name, remapped)
+        return remapped
+
+
+def candidate_modules(model: nn.Module) -> set[str]:
+    """Names of modules whose own parameters can carry a delta.
+
+    A module qualifies if it owns parameters directly (or is already a sam-peft layer); modules inside
+    auxiliary wrappers (modules_to_save) never do; a parameter shared by several modules (tied weights) is
+    tuned once, at its first owner; a module that owns parameters and also has children with parameters is
+    skipped with a warning (its children are targeted instead).
+    """
+    names, seen, skipped = set(), set(), []
+    aux_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper))
+    tuner_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, BaseTunerLayer))
+    for name, module in model.named_modules():
+        if not name or name.startswith(aux_prefixes) or name.startswith(tuner_prefixes):
+            continue
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            continue
+        if isinstance(module, SparseDiffLayer):
+            names.add(name)
+            continue
+        params = own_parameters(module)
+        if not params:
+            continue
+        if any(own_parameters(child) for child in module.modules() if child is not module):
+            skipped.append(name)
+            continue
+        fresh = [p for p in params.values() if id(p) not in seen]
+        seen.update(id(p) for p in params.values())
+        if fresh:
+            names.add(name)
+    if skipped:
+        logger.warning("Own parameters of these container modules are not tuned: %s", skipped)
+    return names
+
+
+# --------------------------------------------------------------------------- identity
+def _target_parameters(tuner) -> dict[str, torch.Tensor]:
+    found = {}
+    for module in tuner.model.modules():
+        if isinstance(module, SparseDiffLayer):
+            for attr, param in own_parameters(module.get_base_layer()).items():
+                found[f"{module.module_key}.{attr}"] = param
+    return found
+
+
+def base_identity(tuner) -> dict[str, str]:
+    """Architecture, fingerprint of the targeted base weights, and digest of their names and shapes."""
+    params = _target_parameters(tuner)
+    return {
+        "base_architecture": architecture_of(tuner.model),
+        "base_fingerprint": weights_fingerprint(params),
+        "base_shapes_digest": shapes_digest({n: list(p.shape) for n, p in params.items()}),
+    }
+
+
+def check_base_identity(tuner, config: SparseDiffConfig, adapter_name: str) -> None:
+    """Record the base identity in a new config, or refuse a config recorded on another base."""
+    merged = any(isinstance(m, SparseDiffLayer) and m.merged for m in tuner.model.modules())
+    identity = base_identity(tuner)
+    if config.base_fingerprint is None:
+        if merged:
+            logger.warning("Adapter '%s' is added while another is merged: its fingerprint includes that delta.",
+                           adapter_name)
+        config.base_architecture = identity["base_architecture"]
+        config.base_fingerprint = identity["base_fingerprint"]
+        return
+    if config.base_architecture and config.base_architecture != identity["base_architecture"]:
+        raise BaseModelMismatchError(
+            f"adapter '{adapter_name}' was recorded on a {config.base_architecture}, but the model is a "
+            f"{identity['base_architecture']}; load it on the base model it was trained on."
+        )
+    if config.base_fingerprint != identity["base_fingerprint"] and not merged:
+        message = (
+            f"adapter '{adapter_name}' was recorded on base weights with fingerprint {config.base_fingerprint}, "
+            f"but this model's targeted weights have fingerprint {identity['base_fingerprint']}: it is not "
+            "the same checkpoint. Load the base the adapter was trained on, or set "
+            f"{ALLOW_MISMATCH_ENV}=1 to apply it anyway (shapes must still match)."
+        )
+        if os.environ.get(ALLOW_MISMATCH_ENV) != "1":
+            raise BaseModelMismatchError(message)
+        logger.warning(message)
+
+
+def identity_metadata(config: SparseDiffConfig) -> dict[str, str]:
+    """String metadata stored in the adapter's safetensors header."""
+    return {
+        "sam_peft_format": str(FORMAT_VERSION),
+        "base_architecture": config.base_architecture or "",
+        "base_fingerprint": config.base_fingerprint or "",
+        "selection": config.selection,
+        "allocation": config.allocation,
+        "sparsity": repr(config.sparsity),
+        "counts": json.dumps(config.counts or {}, sort_keys=True),
+    }
+
+
+# --------------------------------------------------------------------------- loading checks
+def load_entries(model: nn.Module, config: SparseDiffConfig, adapter_name: str, state_dict: dict) -> None:
+    """Validate the loaded indices/values and size the layers to them (before peft copies them in).
+
+    Raises `DeltaFileError` for missing or unexpected entries, wrong dtypes or lengths, indices out of range,
+    unsorted or duplicated, non-finite values, or counts that disagree with the adapter config.
+    """
+    counts = {}
+    for module in model.modules():
+        if not isinstance(module, SparseDiffLayer) or adapter_name not in module.sparsediff_values:
+            continue
+        prefix = _state_key_prefix(model, module)
+        for attr, param in own_parameters(module.get_base_layer()).items():
+            name = f"{module.module_key}.{attr}"
+            idx_key = f"{prefix}.sparsediff_indices.{adapter_name}.{attr}"
+            val_key = f"{prefix}.sparsediff_values.{adapter_name}.{attr}"
+            if idx_key not in state_dict or val_key not in state_dict:
+                raise DeltaFileError(
+                    f"the adapter file has no delta for '{name}' (expected both indices and values); it is "
+                    "incomplete or was saved for a different model. Save it again from the trained model."
+                )
+            indices, values = state_dict[idx_key], state_dict[val_key]
+            check_entries(name, indices, values, param.numel())
+            expected = None if config.counts is None else config.counts.get(name, 0)
+            if expected is not None and expected != indices.numel():
+                raise DeltaFileError(
+                    f"'{name}' has {indices.numel()} entries in the file but {expected} in the adapter config; "
+                    "the config and the weights come from different saves."
+                )
+            counts[name] = int(indices.numel())
+            state_dict[idx_key] = indices.to(index_dtype(param.numel()))
+            state_dict[val_key] = values.to(torch.float32)
+            if module.sparsediff_values[adapter_name][attr].numel() != indices.numel():
+                module.set_entries(adapter_name, attr, state_dict[idx_key].long())
+    config.counts = counts
+
+
+def check_entries(name: str, indices: torch.Tensor, values: torch.Tensor, numel: int) -> None:
+    """Refuse malformed (indices, values) of one tensor with a `DeltaFileError` naming it."""
+    if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1:
+        raise DeltaFileError(f"indices of '{name}' must be a 1-D int32/int64 tensor, got {indices.dtype} "
+                             f"with shape {list(indices.shape)}; the file is corrupted.")
+    if not values.dtype.is_floating_point or values.dim() != 1:
+        raise DeltaFileError(f"values of '{name}' must be a 1-D float tensor, got {values.dtype} "
+                             f"with shape {list(values.shape)}; the file is corrupted.")
+    if values.numel() != indices.numel():
+        raise DeltaFileError(f"'{name}' has {indices.numel()} indices but {values.numel()} values; "
+                             "the file is corrupted.")
+    if indices.numel():
+        if int(indices.min()) < 0 or int(indices.max()) >= numel:
+            raise DeltaFileError(f"indices of '{name}' fall outside [0, {numel}); the delta belongs to "
+                                 "another model or the file is corrupted.")
+        if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+            raise DeltaFileError(f"indices of '{name}' are not strictly increasing (unsorted or duplicated); "
+                                 "the file is corrupted.")
+        if not bool(torch.isfinite(values).all()):
+            raise DeltaFileError(f"values of '{name}' contain NaN or infinity; the delta is broken.")
+
+
+def _state_key_prefix(model: nn.Module, layer: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is layer:
+            return name
+    raise RuntimeError("layer not found in model")
