@@ -3,7 +3,10 @@
 `import sam_peft` registers the method with peft; then `peft.get_peft_model(model, sam_peft.SAMConfig())`.
 """
 
+from .burnin import select_parameters
+from .callbacks import SAMCallback
 from .config import SAMConfig, SparseDiffConfig
+from .delta import SparseDelta
 from .errors import (
     BaseModelMismatchError,
     ConfigError,
@@ -14,6 +17,7 @@ from .errors import (
 )
 from .model import SparseDiffModel
 from .registration import PEFT_TYPE, register
+from .report import SelectionReport
 from .selection import selected_indices
 
 register()
@@ -26,10 +30,14 @@ __all__ = [
     "ConfigError",
     "DeltaFileError",
     "NotSelectedError",
+    "SAMCallback",
     "SAMConfig",
     "SamPeftError",
+    "SelectionReport",
     "SelectionError",
     "SparseDiffConfig",
+    "SparseDelta",
     "SparseDiffModel",
+    "select_parameters",
     "selected_indices",
 ]

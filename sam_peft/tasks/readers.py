@@ -106,7 +106,7 @@ def _read_tsv(spec: TaskSpec, path: Path) -> Columns:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[_Row, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue

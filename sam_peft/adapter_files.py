@@ -1,0 +1,96 @@
+"""Reading a saved adapter directory without a model: summary for `inspect`, and a `SparseDelta`."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from .errors import DeltaFileError
+from .io import load_safetensors_checked
+from .selection import layer_and_kind
+
+PEFT_PREFIX = "base_model.model."
+
+
+def _read(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, str], Path]:
+    adapter_dir = Path(adapter_dir)
+    if (adapter_dir / "adapter").is_dir() and not (adapter_dir / "adapter_config.json").exists():
+        adapter_dir = adapter_dir / "adapter"  # the output directory of `sam-peft train`
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise DeltaFileError(f"{config_path} not found; pass a directory written by save_pretrained or sam-peft train.")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DeltaFileError(f"{config_path} is not valid JSON ({exc}); the file is corrupted.") from exc
+    tensors, metadata = load_safetensors_checked(adapter_dir / "adapter_model.safetensors")
+    return config, tensors, metadata, adapter_dir
+
+
+def split_entries(tensors: dict[str, torch.Tensor]):
+    """{base name: (indices, values)} and {base name: dense tensor} from peft state-dict keys."""
+    sparse, dense = {}, {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        for kind in ("indices", "values"):
+            marker = f".sparsediff_{kind}."
+            if marker in name:
+                module, attr = name.split(marker)
+                sparse.setdefault(f"{module}.{attr}", {})[kind] = tensor
+                break
+        else:
+            dense[name.replace(".modules_to_save.", ".")] = tensor
+    return sparse, dense
+
+
+def adapter_summary(adapter_dir: str | Path) -> dict:
+    """Counts, bytes, densities per layer and module kind, fingerprint and selection settings of an adapter."""
+    config, tensors, metadata, adapter_dir = _read(adapter_dir)
+    sparse, dense = split_entries(tensors)
+    counts = config.get("counts") or {}
+    per_layer, per_kind = defaultdict(int), defaultdict(int)
+    for name, parts in sparse.items():
+        layer, kind = layer_and_kind(name)
+        per_layer[layer] += parts["indices"].numel()
+        per_kind[kind] += parts["indices"].numel()
+    entries = sum(p["indices"].numel() for p in sparse.values())
+    entry_bytes = sum(t.numel() * t.element_size() for p in sparse.values() for t in p.values())
+    return {
+        "directory": str(adapter_dir),
+        "file_bytes": (adapter_dir / "adapter_model.safetensors").stat().st_size,
+        "entries": entries,
+        "entry_bytes": entry_bytes,
+        "dense_params": sum(t.numel() for t in dense.values()),
+        "dense_bytes": sum(t.numel() * t.element_size() for t in dense.values()),
+        "tensors_with_delta": len(sparse),
+        "selection": config.get("selection"),
+        "allocation": config.get("allocation"),
+        "sparsity": config.get("sparsity"),
+        "base_model": config.get("base_model_name_or_path"),
+        "base_architecture": config.get("base_architecture"),
+        "base_fingerprint": config.get("base_fingerprint") or metadata.get("base_fingerprint"),
+        "counts_match_config": all(counts.get(n, -1) == p["indices"].numel() for n, p in sparse.items()),
+        "per_layer": dict(per_layer),
+        "per_kind": dict(per_kind),
+    }
+
+
+def delta_from_adapter_dir(adapter_dir: str | Path):
+    """A `SparseDelta` (sparse entries + dense head) from a saved sam-peft adapter directory."""
+    from .delta import SparseDelta
+    from .model import check_entries
+
+    config, tensors, _, _ = _read(adapter_dir)
+    sparse, dense = split_entries(tensors)
+    entries = {}
+    for name, parts in sparse.items():
+        if set(parts) != {"indices", "values"}:
+            raise DeltaFileError(f"adapter file lacks the indices or values of '{name}'.")
+        check_entries(name, parts["indices"], parts["values"], 2**62)
+        entries[name] = (parts["indices"].long(), parts["values"].float())
+    metadata = {"base_architecture": config.get("base_architecture") or "",
+                "base_fingerprint": config.get("base_fingerprint") or ""}
+    return SparseDelta(entries, {}, dense, metadata)

@@ -1,0 +1,253 @@
+"""The burn-in: gradient statistics at θ0 without any update, then scoring and exact top-k selection."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import SelectionError
+from .report import SelectionReport
+from .scores import fisher_scores, sam_hessian_scores, sam_scores
+from .selection import Target, choose, install, resolve_adapter, select_data_free, targets, tuner_of
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Statistics:
+    """Per-target accumulators: Σg (sam, sam_hessian), Σg² (fisher), Σ z⊙Hz (sam_hessian)."""
+
+    grad_sum: dict[str, torch.Tensor] = field(default_factory=dict)
+    grad_sq_sum: dict[str, torch.Tensor] = field(default_factory=dict)
+    hessian_sum: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for kind in ("grad_sum", "grad_sq_sum", "hessian_sum"):
+            for name, tensor in getattr(self, kind).items():
+                yield f"{kind}:{name}", tensor
+
+
+def select_parameters(
+    model: nn.Module,
+    dataloader: Iterable[Mapping[str, torch.Tensor]] | None = None,
+    num_steps: int | None = None,
+    *,
+    adapter_name: str | None = None,
+    selection: str | None = None,
+    per_example: bool = False,
+    hutchinson_samples: int = 1,
+    dropout: bool = True,
+    progress: bool = True,
+) -> SelectionReport:
+    """Run the burn-in at θ0, score every targeted entry, keep the exact top-k, install the indices.
+
+    Args:
+        model: a PeftModel with a sam-peft adapter (DDP-wrapped models are unwrapped).
+        dataloader: batches as dicts the model accepts, labels included (a DataLoader). Not needed for the
+            data-free selections (magnitude, random, bitfit).
+        num_steps: batches to use (all when None). Fewer available batches log a warning; none is an error.
+        adapter_name: the adapter to select (default: the active one).
+        selection: override of the config's selection signal.
+        per_example: for "fisher", sum squared per-example gradients (FISH mask) instead of batch ones.
+        hutchinson_samples: Rademacher probes per batch for "sam_hessian".
+        dropout: run the burn-in in train mode (dropout on, as the paper's code) or eval mode.
+        progress: show a progress bar.
+
+    Returns:
+        A `SelectionReport`. The values of the selected entries are zero (the model equals the base model).
+    Under `torch.distributed`, statistics are summed over ranks, so every rank installs the same indices.
+    """
+    tuner = tuner_of(model)
+    adapter_name = resolve_adapter(tuner, adapter_name)
+    config = tuner.peft_config[adapter_name]
+    if selection is not None:
+        from .config import SELECTIONS
+
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection={selection!r} is unknown; choose one of {list(SELECTIONS)}.")
+        config.selection = selection
+    if any(getattr(m, "merged", False) for m in tuner.model.modules() if hasattr(m, "sparsediff_values")):
+        raise SelectionError("an adapter is merged into the base weights; unmerge_adapter() before selecting.")
+    found = targets(tuner, adapter_name)
+    _check_targets(found)
+    start = time.perf_counter()
+    if config.is_data_free:
+        select_data_free(tuner, adapter_name)
+        return SelectionReport.build(tuner, adapter_name, steps=0, seconds=time.perf_counter() - start)
+    if dataloader is None:
+        raise ValueError(f"selection='{config.selection}' needs data: pass a dataloader of training batches.")
+
+    peft_model = getattr(model, "module", model)
+    stats = _Statistics()
+    with _burn_in_mode(peft_model, tuner, found, dropout):
+        steps = _accumulate(peft_model, found, dataloader, num_steps, config.selection, stats,
+                            per_example=per_example, hutchinson_samples=hutchinson_samples, progress=progress)
+    _all_reduce(stats)
+    named_scores = [(t.name, _score(config.selection, stats, t.name)) for t in found]
+    for name, score in named_scores:
+        if not torch.isfinite(score).all():
+            raise SelectionError(
+                f"the burn-in gradient of '{name}' is NaN or infinite; lower the learning-rate-independent "
+                "inputs (check for bad labels, fp16 overflow or a diverging model) and run the burn-in again."
+            )
+    chosen = choose(config, named_scores)
+    install(tuner, adapter_name, chosen)
+    del stats
+    return SelectionReport.build(tuner, adapter_name, steps=steps, seconds=time.perf_counter() - start,
+                                 scores=named_scores, chosen=chosen)
+
+
+def _check_targets(found: list[Target]) -> None:
+    if not found:
+        raise SelectionError("the adapter targets no parameter; check target_modules / exclude_modules.")
+    if all(t.param.device.type == "meta" for t in found):
+        raise SelectionError("all targeted parameters are on the meta device; load real weights before selecting.")
+
+
+@contextlib.contextmanager
+def _burn_in_mode(peft_model: nn.Module, tuner, found: list[Target], dropout: bool):
+    """Base weights require grad, everything else does not, adapters off; all restored afterwards."""
+    flags = [(p, p.requires_grad) for p in peft_model.parameters()]
+    layers = {id(t.layer): t.layer for t in found}.values()
+    disabled = [(layer, layer._disable_adapters) for layer in layers]
+    was_training = peft_model.training
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for t in found:
+            t.param.requires_grad_(True)
+        for layer in layers:
+            layer._disable_adapters = True
+        peft_model.train(dropout)
+        yield
+    finally:
+        for t in found:
+            t.param.grad = None
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for layer, flag in disabled:
+            layer._disable_adapters = flag
+        peft_model.train(was_training)
+
+
+def _batches(dataloader, num_steps: int | None) -> tuple[Iterator, int | None]:
+    if num_steps is not None and num_steps <= 0:
+        raise ValueError(f"num_steps={num_steps} must be a positive number of batches (or None for all).")
+    total = None
+    with contextlib.suppress(TypeError):
+        total = len(dataloader)
+    if total == 0:
+        raise SelectionError("the burn-in dataloader is empty; pass training batches to select from.")
+    if num_steps is not None and total is not None and total < num_steps:
+        logger.warning("burn-in asked for %d steps but the dataloader has %d batches; using %d.",
+                       num_steps, total, total)
+    wanted = num_steps if num_steps is not None else total
+    return itertools.islice(iter(dataloader), num_steps), (min(wanted, total) if total and wanted else wanted)
+
+
+def _move(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _loss(model: nn.Module, batch: dict, step: int) -> torch.Tensor:
+    out = model(**batch)
+    loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if loss is None:
+        raise SelectionError("the model returned no loss: burn-in batches must include labels.")
+    if not torch.isfinite(loss):
+        raise SelectionError(f"the burn-in loss is {loss.item()} at step {step}; check the inputs and labels, "
+                             "and the model's dtype (fp16 overflows easily).")
+    return loss
+
+
+def _accumulate(model, found, dataloader, num_steps, selection, stats, *, per_example, hutchinson_samples,
+                progress) -> int:
+    device = found[0].param.device
+    for t in found:
+        shape = t.param.shape
+        if selection in ("sam", "sam_hessian"):
+            stats.grad_sum[t.name] = torch.zeros(shape, dtype=torch.float32, device=device)
+        if selection == "fisher":
+            stats.grad_sq_sum[t.name] = torch.zeros(shape, dtype=torch.float32, device=device)
+        if selection == "sam_hessian":
+            stats.hessian_sum[t.name] = torch.zeros(shape, dtype=torch.float32, device=device)
+    batches, total = _batches(dataloader, num_steps)
+    steps = 0
+    if selection == "sam_hessian":
+        for batch in tqdm(batches, total=total, desc="burn-in", disable=not progress):
+            _hutchinson_step(model, found, _move(batch, device), stats, hutchinson_samples, steps)
+            steps += 1
+    else:
+        handles = [_fold_hook(t, selection, stats) for t in found]
+        try:
+            for batch in tqdm(batches, total=total, desc="burn-in", disable=not progress):
+                batch = _move(batch, device)
+                for piece in (_examples(batch) if per_example and selection == "fisher" else [batch]):
+                    _loss(model, piece, steps).backward()
+                steps += 1
+        finally:
+            for handle in handles:
+                handle.remove()
+    if steps == 0:
+        raise SelectionError("the burn-in dataloader yielded no batch; pass training batches to select from.")
+    return steps
+
+
+def _fold_hook(target: Target, selection: str, stats: _Statistics):
+    """Fold each dense gradient into the statistic as soon as it is accumulated, then free it."""
+    stat = (stats.grad_sum if selection == "sam" else stats.grad_sq_sum)[target.name]
+    square = selection == "fisher"
+
+    def hook(param: torch.Tensor) -> None:
+        grad = param.grad
+        if square:
+            stat.addcmul_(grad, grad)
+        else:
+            stat.add_(grad)
+        param.grad = None
+
+    return target.param.register_post_accumulate_grad_hook(hook)
+
+
+def _examples(batch: dict) -> Iterator[dict]:
+    size = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+    for i in range(size):
+        yield {k: (v[i : i + 1] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _hutchinson_step(model, found, batch, stats, samples: int, step: int) -> None:
+    params = [t.param for t in found]
+    grads = torch.autograd.grad(_loss(model, batch, step), params, create_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    for t, g in zip(found, grads):
+        stats.grad_sum[t.name].add_(g.detach())
+    for _ in range(samples):
+        probes = [torch.randint_like(p, 2) * 2 - 1 for p in params]
+        hvps = torch.autograd.grad(grads, params, grad_outputs=probes, retain_graph=True, allow_unused=True)
+        for t, z, hv in zip(found, probes, hvps):
+            if hv is not None:
+                stats.hessian_sum[t.name].add_(z * hv / samples)
+
+
+def _all_reduce(stats: _Statistics) -> None:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for _, tensor in stats.tensors():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def _score(selection: str, stats: _Statistics, name: str) -> torch.Tensor:
+    if selection == "sam":
+        return sam_scores(stats.grad_sum.pop(name))
+    if selection == "fisher":
+        return fisher_scores(stats.grad_sq_sum.pop(name))
+    return sam_hessian_scores(stats.grad_sum.pop(name), stats.hessian_sum.pop(name))

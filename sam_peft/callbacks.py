@@ -1,0 +1,44 @@
+"""`SAMCallback`: burn-in selection inside `transformers.Trainer`, before the first optimizer step."""
+
+from __future__ import annotations
+
+import logging
+
+from transformers import TrainerCallback
+
+from .burnin import select_parameters
+from .selection import resolve_adapter, tuner_of
+
+logger = logging.getLogger(__name__)
+
+
+class SAMCallback(TrainerCallback):
+    """Run `select_parameters` on the trainer's train dataloader when training begins.
+
+    The optimizer (built by the Trainer before any callback runs) keeps the same value parameters, whose
+    contents are replaced by the selected entries, so it trains exactly those (and the dense head). When the
+    adapter already has its entries — selected earlier, or loaded from a checkpoint on resume — nothing is
+    re-selected.
+
+    Args:
+        burn_in_steps: batches of burn-in (None: one pass over the dataloader).
+        adapter_name: adapter to select (default: the active one).
+        **select_kwargs: passed on to `sam_peft.select_parameters` (e.g. `dropout=False`).
+    """
+
+    def __init__(self, burn_in_steps: int | None = None, adapter_name: str | None = None, **select_kwargs):
+        self.burn_in_steps = burn_in_steps
+        self.adapter_name = adapter_name
+        self.select_kwargs = select_kwargs
+        self.report = None
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        tuner = tuner_of(model)
+        adapter = resolve_adapter(tuner, self.adapter_name)
+        if tuner.peft_config[adapter].counts is not None:
+            logger.info("adapter '%s' already has its entries; no burn-in.", adapter)
+            return
+        self.select_kwargs.setdefault("progress", not args.disable_tqdm)
+        self.report = select_parameters(model, train_dataloader, self.burn_in_steps, adapter_name=adapter,
+                                        **self.select_kwargs)
+        logger.info("SAM selection done:\n%s", self.report)

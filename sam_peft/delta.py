@@ -1,0 +1,221 @@
+"""`SparseDelta`: a task's sparse delta outside peft objects — extract, apply/remove in place, combine, save."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft.utils.other import ModulesToSaveWrapper
+from torch import nn
+
+from .config import FORMAT_VERSION
+from .errors import BaseModelMismatchError, DeltaFileError
+from .fingerprint import architecture_of, weights_fingerprint
+from .io import load_safetensors_checked, save_safetensors_atomic
+from .model import ALLOW_MISMATCH_ENV, check_entries
+from .selection import resolve_adapter, targets, tuner_of
+
+DELTA_FILE_KIND = "sam-peft-sparse-delta"
+
+
+@dataclass
+class SparseDelta:
+    """Sparse entries {parameter name: (sorted int64 flat indices, float32 values)} plus dense replacements
+    (the task head) and the base model's identity.
+
+    `apply_to` adds the entries to a plain model in place in O(k) and remembers the overwritten entries, so
+    `remove_from` restores the base exactly.
+    """
+
+    entries: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    shapes: dict[str, list[int]]
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    _backups: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
+
+    # ------------------------------------------------------------ creation
+    @classmethod
+    def from_peft(cls, model: nn.Module, adapter_name: str = "default") -> SparseDelta:
+        """Extract an adapter's delta (and its modules_to_save head) from a PeftModel."""
+        tuner = tuner_of(model)
+        adapter_name = resolve_adapter(tuner, adapter_name)
+        config = tuner.peft_config[adapter_name]
+        entries, shapes = {}, {}
+        for t in targets(tuner, adapter_name):
+            indices, values = t.layer.entries(adapter_name)[t.attr]
+            entries[t.name] = (indices.detach().long().cpu().clone(), values.detach().float().cpu().clone())
+            shapes[t.name] = list(t.param.shape)
+        dense = {}
+        for name, module in tuner.model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+                for pname, param in module.modules_to_save[adapter_name].named_parameters():
+                    dense[f"{name}.{pname}"] = param.detach().cpu().clone()
+        metadata = {
+            "base_architecture": config.base_architecture or "",
+            "base_fingerprint": config.base_fingerprint or "",
+            "selection": config.selection, "allocation": config.allocation, "sparsity": repr(config.sparsity),
+        }
+        return cls(entries, shapes, dense, metadata)
+
+    @property
+    def num_entries(self) -> int:
+        return sum(i.numel() for i, _ in self.entries.values())
+
+    # ------------------------------------------------------------ applying
+    def _check_base(self, model: nn.Module, params: dict[str, torch.Tensor], verify_fingerprint: bool) -> None:
+        missing = [n for n in list(self.entries) + list(self.dense) if n not in params]
+        if missing:
+            raise BaseModelMismatchError(f"the model has no parameter(s) {missing[:5]}; this delta belongs to "
+                                         "another architecture.")
+        for name, shape in self.shapes.items():
+            if list(params[name].shape) != list(shape):
+                raise BaseModelMismatchError(
+                    f"'{name}' has shape {list(params[name].shape)} in the model but {shape} in the delta; "
+                    "a delta can only be applied to the base model it was trained on.")
+        for name, (indices, _) in self.entries.items():
+            if indices.numel() and int(indices.max()) >= params[name].numel():
+                raise BaseModelMismatchError(f"indices of '{name}' exceed its {params[name].numel()} entries; "
+                                             "the delta belongs to another model.")
+        for name, tensor in self.dense.items():
+            if params[name].shape != tensor.shape:
+                raise BaseModelMismatchError(f"'{name}' has shape {list(params[name].shape)} in the model but "
+                                             f"{list(tensor.shape)} in the delta.")
+        expected = self.metadata.get("base_fingerprint")
+        if verify_fingerprint and expected:
+            actual = weights_fingerprint({n: params[n] for n in self.entries})
+            if actual != expected:
+                import os
+
+                message = (f"the model's weights (fingerprint {actual}) are not the base this delta was recorded "
+                           f"on ({expected}); pass verify_fingerprint=False or set {ALLOW_MISMATCH_ENV}=1 to "
+                           "apply it anyway.")
+                if os.environ.get(ALLOW_MISMATCH_ENV) != "1":
+                    raise BaseModelMismatchError(message)
+
+    def apply_to(self, model: nn.Module, *, verify_fingerprint: bool = True) -> nn.Module:
+        """Add the delta to `model`'s parameters in place (O(k)); `remove_from` undoes it exactly."""
+        if id(model) in self._backups:
+            raise ValueError("this delta is already applied to this model; remove_from(model) first.")
+        params = dict(model.named_parameters())
+        self._check_base(model, params, verify_fingerprint)
+        backup = {}
+        with torch.no_grad():
+            for name, (indices, values) in self.entries.items():
+                flat = params[name].data.view(-1)
+                idx = indices.to(flat.device)
+                backup[name] = flat.index_select(0, idx)
+                flat.index_copy_(0, idx, backup[name] + values.to(flat.device, flat.dtype))
+            for name, tensor in self.dense.items():
+                backup[name] = params[name].data.clone()
+                params[name].data.copy_(tensor.to(params[name].device, params[name].dtype))
+        self._backups[id(model)] = backup
+        return model
+
+    def remove_from(self, model: nn.Module) -> nn.Module:
+        """Restore the entries `apply_to` changed (bit-exact)."""
+        backup = self._backups.pop(id(model), None)
+        if backup is None:
+            raise ValueError("this delta is not applied to this model; nothing to remove.")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, (indices, _) in self.entries.items():
+                params[name].data.view(-1).index_copy_(0, indices.to(params[name].device), backup[name])
+            for name in self.dense:
+                params[name].data.copy_(backup[name])
+        return model
+
+    # ------------------------------------------------------------ arithmetic
+    def scale(self, factor: float) -> SparseDelta:
+        """A new delta with every value (and dense head) multiplied by `factor`."""
+        entries = {n: (i.clone(), v * factor) for n, (i, v) in self.entries.items()}
+        return SparseDelta(entries, dict(self.shapes), {n: t * factor for n, t in self.dense.items()},
+                           dict(self.metadata))
+
+    def __mul__(self, factor: float) -> SparseDelta:
+        return self.scale(factor)
+
+    __rmul__ = __mul__
+
+    def __add__(self, other: SparseDelta) -> SparseDelta:
+        """Task arithmetic: the union of the entries, values summed where both deltas have one."""
+        for name in set(self.shapes) & set(other.shapes):
+            if self.shapes[name] != other.shapes[name]:
+                raise BaseModelMismatchError(f"'{name}' has different shapes in the two deltas.")
+        if self.metadata.get("base_fingerprint") != other.metadata.get("base_fingerprint"):
+            raise BaseModelMismatchError("the deltas were recorded on different base models.")
+        entries = {}
+        for name in list(dict.fromkeys(list(self.entries) + list(other.entries))):
+            parts = [d.entries[name] for d in (self, other) if name in d.entries]
+            indices = torch.cat([i for i, _ in parts])
+            values = torch.cat([v for _, v in parts])
+            merged, inverse = torch.unique(indices, sorted=True, return_inverse=True)
+            entries[name] = (merged, torch.zeros(merged.numel()).index_add_(0, inverse, values))
+        dense = dict(self.dense)
+        for name, tensor in other.dense.items():
+            dense[name] = dense[name] + tensor if name in dense else tensor.clone()
+        return SparseDelta(entries, {**other.shapes, **self.shapes}, dense, dict(self.metadata))
+
+    # ------------------------------------------------------------ files
+    def save(self, path: str | Path) -> Path:
+        """Write the delta as one safetensors file, atomically."""
+        path = Path(path)
+        tensors = {}
+        for name, (indices, values) in self.entries.items():
+            numel = 1
+            for dim in self.shapes[name]:
+                numel *= dim
+            tensors[f"sparse.{name}.indices"] = indices.to(torch.int32 if numel < 2**31 else torch.int64)
+            tensors[f"sparse.{name}.values"] = values.float()
+        for name, tensor in self.dense.items():
+            tensors[f"dense.{name}"] = tensor
+        metadata = {**self.metadata, "kind": DELTA_FILE_KIND, "sam_peft_format": str(FORMAT_VERSION),
+                    "shapes": json.dumps(self.shapes, sort_keys=True)}
+        save_safetensors_atomic(tensors, path, metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SparseDelta:
+        """Read and validate a file written by `save`."""
+        tensors, metadata = load_safetensors_checked(path)
+        if metadata.get("kind") != DELTA_FILE_KIND:
+            raise DeltaFileError(f"{path} is not a sam-peft sparse delta file (no kind={DELTA_FILE_KIND} metadata).")
+        version = metadata.get("sam_peft_format", "")
+        if not version.isdigit() or int(version) > FORMAT_VERSION:
+            raise DeltaFileError(f"{path} has format version {version!r}; this sam-peft reads ≤ {FORMAT_VERSION}. "
+                                 "Upgrade sam-peft.")
+        try:
+            shapes = json.loads(metadata["shapes"])
+            if not isinstance(shapes, dict) or not all(
+                    isinstance(s, list) and all(isinstance(d, int) and d >= 0 for d in s) for s in shapes.values()):
+                raise ValueError("shapes must map names to lists of sizes")
+        except (KeyError, ValueError) as exc:
+            raise DeltaFileError(f"{path} has unreadable shape metadata ({exc}); the file is corrupted.") from exc
+        entries, dense = {}, {}
+        for name, shape in shapes.items():
+            indices = tensors.pop(f"sparse.{name}.indices", None)
+            values = tensors.pop(f"sparse.{name}.values", None)
+            if indices is None or values is None:
+                raise DeltaFileError(f"{path} lacks the indices or values of '{name}'; the file is corrupted.")
+            numel = 1
+            for dim in shape:
+                numel *= dim
+            check_entries(name, indices, values, numel)
+            entries[name] = (indices.long(), values.float())
+        for key in list(tensors):
+            if key.startswith("dense."):
+                dense[key[len("dense."):]] = tensors.pop(key)
+        if tensors:
+            raise DeltaFileError(f"{path} holds unexpected tensors {sorted(tensors)[:5]}; the file is corrupted.")
+        for name, tensor in dense.items():
+            if not tensor.dtype.is_floating_point or not torch.isfinite(tensor).all():
+                raise DeltaFileError(f"dense tensor '{name}' in {path} is not a finite float tensor.")
+        keep = {k: v for k, v in metadata.items() if k not in ("shapes", "kind")}
+        return cls(entries, shapes, dense, keep)
+
+
+def architecture_matches(delta: SparseDelta, model: nn.Module) -> bool:
+    """Whether the delta was recorded on a model of this class."""
+    recorded = delta.metadata.get("base_architecture")
+    return not recorded or recorded == architecture_of(model)

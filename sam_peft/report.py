@@ -1,0 +1,72 @@
+"""`SelectionReport`: what a selection chose, per parameter, per layer and per module kind."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .selection import layer_and_kind, targets
+
+
+@dataclass
+class SelectionReport:
+    """Counts and densities of the selected entries, a score summary and the time taken."""
+
+    adapter_name: str
+    selection: str
+    allocation: str
+    sparsity: float
+    steps: int
+    seconds: float
+    selected: int
+    total: int
+    per_parameter: dict[str, dict[str, int]] = field(default_factory=dict)
+    per_layer: dict[str, float] = field(default_factory=dict)
+    per_kind: dict[str, float] = field(default_factory=dict)
+    score_summary: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def density(self) -> float:
+        return self.selected / max(self.total, 1)
+
+    @classmethod
+    def build(cls, model, adapter_name: str, *, steps: int, seconds: float, scores=None, chosen=None):
+        config = model.peft_config[adapter_name]
+        per_parameter, layer_tot, kind_tot = {}, defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
+        for t in targets(model, adapter_name):
+            k, n = t.layer.sparsediff_values[adapter_name][t.attr].numel(), t.param.numel()
+            per_parameter[t.name] = {"selected": k, "numel": n}
+            layer, kind = layer_and_kind(t.name)
+            for table, key in ((layer_tot, layer), (kind_tot, kind)):
+                table[key][0] += k
+                table[key][1] += n
+        summary = {}
+        if scores is not None and chosen is not None:
+            kept = torch.cat([s.reshape(-1)[chosen[n].to(s.device)].float().cpu() for n, s in scores])
+            if kept.numel():
+                summary = {"kept_min": float(kept.min()), "kept_median": float(kept.median()),
+                           "kept_max": float(kept.max())}
+        selected = sum(v["selected"] for v in per_parameter.values())
+        total = sum(v["numel"] for v in per_parameter.values())
+        return cls(
+            adapter_name=adapter_name, selection=config.selection, allocation=config.allocation,
+            sparsity=config.sparsity, steps=steps, seconds=seconds, selected=selected, total=total,
+            per_parameter=per_parameter,
+            per_layer={k: s / max(n, 1) for k, (s, n) in layer_tot.items()},
+            per_kind={k: s / max(n, 1) for k, (s, n) in kind_tot.items()},
+            score_summary=summary,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [
+            f"selection={self.selection} allocation={self.allocation} sparsity={self.sparsity} "
+            f"steps={self.steps} time={self.seconds:.1f}s",
+            f"selected {self.selected:,} of {self.total:,} entries ({100 * self.density:.3f} %)",
+        ]
+        lines += [f"  layer {layer:>6}: {100 * d:7.3f} %" for layer, d in self.per_layer.items()]
+        return "\n".join(lines)
