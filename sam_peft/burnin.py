@@ -150,8 +150,9 @@ def _batches(dataloader, num_steps: int | None) -> tuple[Iterator, int | None]:
     if num_steps is not None and total is not None and total < num_steps:
         logger.warning("burn-in asked for %d steps but the dataloader has %d batches; using %d.",
                        num_steps, total, total)
-    wanted = num_steps if num_steps is not None else total
-    return itertools.islice(iter(dataloader), num_steps), (min(wanted, total) if total and wanted else wanted)
+    if total is None:
+        return itertools.islice(iter(dataloader), num_steps), None
+    return itertools.islice(iter(dataloader), num_steps), min(num_steps or total, total)
 
 
 def _move(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict:
@@ -160,7 +161,7 @@ def _move(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict:
 
 def _loss(model: nn.Module, batch: dict, step: int) -> torch.Tensor:
     out = model(**batch)
-    loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
+    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
     if loss is None:
         raise SelectionError("the model returned no loss: burn-in batches must include labels.")
     if not torch.isfinite(loss):
@@ -183,9 +184,12 @@ def _accumulate(model, found, dataloader, num_steps, selection, stats, *, per_ex
     batches, total = _batches(dataloader, num_steps)
     steps = 0
     if selection == "sam_hessian":
-        for batch in tqdm(batches, total=total, desc="burn-in", disable=not progress):
-            _hutchinson_step(model, found, _move(batch, device), stats, hutchinson_samples, steps)
-            steps += 1
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels have no double backward
+            for batch in tqdm(batches, total=total, desc="burn-in", disable=not progress):
+                _hutchinson_step(model, found, _move(batch, device), stats, hutchinson_samples, steps)
+                steps += 1
     else:
         handles = [_fold_hook(t, selection, stats) for t in found]
         try:
@@ -199,6 +203,8 @@ def _accumulate(model, found, dataloader, num_steps, selection, stats, *, per_ex
                 handle.remove()
     if steps == 0:
         raise SelectionError("the burn-in dataloader yielded no batch; pass training batches to select from.")
+    if num_steps is not None and steps < num_steps and total is None:
+        logger.warning("burn-in asked for %d steps but the data ran out after %d; using %d.", num_steps, steps, steps)
     return steps
 
 
