@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="fine-tune on a GLUE/SuperGLUE task")
-    train.add_argument("--task", required=True, help="cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, cb, copa, wsc, boolq")
+    train.add_argument("--task", required=True,
+                       help="cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, cb, copa, wsc, boolq")
     train.add_argument("--output", required=True, help="output directory")
     train.add_argument("--model", help="local path or hub id (default: the packaged all-MiniLM-L6-v2)")
     train.add_argument("--data-dir", help="directory of the official task files (default: the Hugging Face hub)")

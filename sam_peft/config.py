@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft.config import PeftConfig
 
@@ -59,27 +58,27 @@ class SparseDiffConfig(PeftConfig):
     allocation: str = field(
         default="per_tensor", metadata={"help": "'per_tensor' (floor(p*numel) per tensor) or 'global'."}
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Modules whose own parameters are tuned; None = every parameter except the head."},
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Modules never tuned (list of names or a regex)."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained densely and saved, e.g. the classifier head."}
     )
     init_weights: bool = field(
         default=True, metadata={"help": "Zero-initialise the delta values (False: random, for tests)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the random selection and random init."})
-    counts: Optional[dict[str, int]] = field(
+    counts: dict[str, int] | None = field(
         default=None, metadata={"help": "Selected entries per base parameter (filled by the selection)."}
     )
-    base_fingerprint: Optional[str] = field(
+    base_fingerprint: str | None = field(
         default=None, metadata={"help": "Fingerprint of the base weights the delta belongs to."}
     )
-    base_architecture: Optional[str] = field(
+    base_architecture: str | None = field(
         default=None, metadata={"help": "Class name of the base model the delta belongs to."}
     )
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "sam-peft adapter format version."})

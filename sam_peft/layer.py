@@ -4,7 +4,7 @@ sorted flat `indices` (an integer buffer) and trainable `values` (a 1-D float32 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -93,7 +93,7 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
             self._cache[key] = hit
         return hit[1]
 
-    def _delta(self, adapters: list[str], name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    def _delta(self, adapters: list[str], name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Concatenated (int64 indices, values) of the active adapters for one parameter, or None if empty."""
         parts = [
             (self.sparsediff_indices[a][name], self.sparsediff_values[a][name])
@@ -145,7 +145,7 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         indices, values = self.entries(adapter_name)[name]
         return compose(torch.zeros_like(param), indices.long(), values.detach())
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the deltas into the base parameters in place (O(k)); `safe_merge` refuses non-finite results."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         base_params = own_parameters(self.get_base_layer())
@@ -173,7 +173,7 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
     def unmerge(self) -> None:
         """Subtract merged deltas again (exact in fp32; within the dtype's rounding in fp16/bf16)."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base_params = own_parameters(self.get_base_layer())
         while self.merged_adapters:
