@@ -12,12 +12,16 @@ SAMPLES_PER_TENSOR = 4096
 
 
 def _tensor_sample(tensor: torch.Tensor) -> bytes:
-    """Up to SAMPLES_PER_TENSOR evenly spaced entries of `tensor`, as float32 bytes."""
+    """Up to SAMPLES_PER_TENSOR evenly spaced entries of `tensor`, rounded to bfloat16, as bytes.
+
+    The rounding makes a checkpoint and its bf16 cast (and nearly always its fp16 cast) share a fingerprint.
+    """
     flat = tensor.detach().reshape(-1)
     if flat.numel() > SAMPLES_PER_TENSOR:
         step = flat.numel() // SAMPLES_PER_TENSOR
         flat = flat[::step][:SAMPLES_PER_TENSOR]
-    return flat.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
+    sample = flat.to(device="cpu", dtype=torch.float32).to(torch.bfloat16).view(torch.int16)
+    return sample.contiguous().numpy().tobytes()
 
 
 def weights_fingerprint(params: dict[str, torch.Tensor]) -> str:

@@ -36,10 +36,14 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("sparsediff_values",)
     other_param_names = ("sparsediff_indices",)
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, module_key: str) -> None:
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config, module_key: str, skip: frozenset[str] = frozenset()
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.module_key = module_key
+        self.skip = skip  # own parameters that are not tuned (shared with another module)
+        self._merge_backup: dict[str, dict[str, torch.Tensor]] = {}
         self.sparsediff_values = nn.ModuleDict()
         self.sparsediff_indices = nn.ModuleDict()
         self._disable_adapters = False
@@ -49,12 +53,16 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         self.update_layer(adapter_name, config)
 
     # ----------------------------------------------------------------- state
+    def tuned_parameters(self) -> dict[str, nn.Parameter]:
+        """The base layer's own parameters that carry a delta."""
+        return {n: p for n, p in own_parameters(self.get_base_layer()).items() if n not in self.skip}
+
     def update_layer(self, adapter_name: str, config) -> None:
         """Create the (placeholder) delta of a new adapter; sizes come from `config.counts` when known."""
         from .selection import default_count
 
         values, indices = nn.ParameterDict(), BufferDict(persistent=True)
-        for name, param in own_parameters(self.get_base_layer()).items():
+        for name, param in self.tuned_parameters().items():
             full_name = f"{self.module_key}.{name}"
             if config.counts is not None:
                 count = int(config.counts.get(full_name, 0))
@@ -72,7 +80,7 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         The values parameter keeps its identity (its `.data` is replaced), so an optimizer that already holds
         it trains the new entries.
         """
-        param = own_parameters(self.get_base_layer())[name]
+        param = self.tuned_parameters()[name]
         self.sparsediff_indices[adapter_name][name] = indices.to(index_dtype(param.numel())).to(param.device)
         value_param = self.sparsediff_values[adapter_name][name]
         new = torch.zeros(indices.numel(), dtype=VALUES_DTYPE, device=param.device) if values is None else values
@@ -135,55 +143,66 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
 
     def _forward_with_deltas(self, adapters: list[str], *args: Any, **kwargs: Any) -> Any:
         base = self.get_base_layer()
-        params = {name: self._composed(adapters, name, p) for name, p in own_parameters(base).items()}
+        params = {name: self._composed(adapters, name, p) for name, p in self.tuned_parameters().items()}
         return functional_call(base, params, args, kwargs, strict=False)
 
     # ----------------------------------------------------------------- merging
     def get_delta_weight(self, adapter_name: str, name: str = "weight") -> torch.Tensor:
         """The dense delta of one parameter (default: the weight) of an adapter."""
-        param = own_parameters(self.get_base_layer())[name]
+        param = self.tuned_parameters()[name]
         indices, values = self.entries(adapter_name)[name]
         return compose(torch.zeros_like(param), indices.long(), values.detach())
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the deltas into the base parameters in place (O(k)); `safe_merge` refuses non-finite results."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        base_params = own_parameters(self.get_base_layer())
+    def check_merge(self, adapter_names: list[str]) -> None:
+        """Raise if merging these adapters would give non-finite base values (nothing is changed)."""
+        base_params = self.tuned_parameters()
         for adapter in adapter_names:
             if adapter not in self.sparsediff_values:
                 continue
+            for name, (indices, values) in self.entries(adapter).items():
+                flat = base_params[name].data.reshape(-1)
+                merged = flat.index_select(0, indices.long()) + values.detach().to(flat.dtype)
+                if not torch.isfinite(merged).all():
+                    raise ValueError(
+                        f"Merging adapter '{adapter}' into {self.module_key}.{name} gives non-finite values "
+                        "(overflow in the base dtype or a broken delta); the base is unchanged."
+                    )
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the deltas into the base parameters in place (O(k)); `safe_merge` refuses non-finite results.
+
+        The overwritten entries are kept, so `unmerge` restores the base bit-exactly in every dtype.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if safe_merge:
+            self.check_merge(adapter_names)
+        base_params = self.tuned_parameters()
+        for adapter in adapter_names:
+            if adapter not in self.sparsediff_values:
+                continue
+            backup = {}
             with torch.no_grad():
-                updates = {}
                 for name, (indices, values) in self.entries(adapter).items():
-                    flat = base_params[name].data.reshape(-1)
-                    if safe_merge:
-                        merged = flat.index_add(0, indices.long(), values.to(flat.dtype))
-                        if not torch.isfinite(merged).all():
-                            raise ValueError(
-                                f"Merging adapter '{adapter}' into {self.module_key}.{name} gives non-finite "
-                                "values (overflow in the base dtype or a broken delta); the base is unchanged."
-                            )
-                        updates[name] = merged
-                    else:
-                        flat.index_add_(0, indices.long(), values.to(flat.dtype))
-                for name, merged in updates.items():
-                    base_params[name].data.reshape(-1).copy_(merged)
+                    flat = base_params[name].data.view(-1)
+                    idx = indices.long()
+                    backup[name] = flat.index_select(0, idx)
+                    flat.index_copy_(0, idx, backup[name] + values.detach().to(flat.dtype))
+            self._merge_backup[adapter] = backup
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
-        """Subtract merged deltas again (exact in fp32; within the dtype's rounding in fp16/bf16)."""
+        """Restore the entries that `merge` overwrote (bit-exact), most recent merge first."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        base_params = own_parameters(self.get_base_layer())
+        base_params = self.tuned_parameters()
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
-            if adapter not in self.sparsediff_values:
-                continue
+            backup = self._merge_backup.pop(adapter, {})
             with torch.no_grad():
-                for name, (indices, values) in self.entries(adapter).items():
-                    flat = base_params[name].data.reshape(-1)
-                    flat.index_add_(0, indices.long(), -values.to(flat.dtype))
+                for name, saved in backup.items():
+                    indices = self.sparsediff_indices[adapter][name].long()
+                    base_params[name].data.view(-1).index_copy_(0, indices, saved)
 
 
 class SparseDiffLinear(SparseDiffLayer):
@@ -240,6 +259,6 @@ def layer_class_for(module: nn.Module) -> type[SparseDiffLayer]:
         return SparseDiffLinear
     if Conv1D and isinstance(module, Conv1D):
         return SparseDiffConv1D
-    if isinstance(module, nn.Embedding) and module.max_norm is None:
+    if isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq:
         return SparseDiffEmbedding
     return SparseDiffLayer

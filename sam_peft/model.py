@@ -13,7 +13,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .config import FORMAT_VERSION, SparseDiffConfig
-from .errors import BaseModelMismatchError, DeltaFileError
+from .errors import BaseModelMismatchError, ConfigError, DeltaFileError
 from .fingerprint import architecture_of, shapes_digest, weights_fingerprint
 from .layer import SparseDiffLayer, index_dtype, layer_class_for, own_parameters
 from .registration import PREFIX
@@ -39,7 +39,8 @@ class SparseDiffModel(BaseTuner):
         return peft_config  # target_modules=None means "every parameter except the head"
 
     def _prepare_model(self, peft_config: SparseDiffConfig, model: nn.Module) -> None:
-        self._candidates = candidate_modules(model)
+        self._candidates, self._shared = candidate_modules(model)
+        _check_patterns_match(peft_config, sorted(self._candidates))
 
     def _check_target_module_exists(self, peft_config: SparseDiffConfig, key: str):
         if key not in self._candidates:
@@ -56,17 +57,46 @@ class SparseDiffModel(BaseTuner):
         if isinstance(target, SparseDiffLayer):
             target.update_layer(adapter_name, peft_config)
             return
-        new_module = layer_class_for(target)(target, adapter_name, peft_config, module_key=current_key)
+        skip = frozenset(n for n, p in own_parameters(target).items() if id(p) in self._shared)
+        new_module = layer_class_for(target)(target, adapter_name, peft_config, module_key=current_key, skip=skip)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def _post_injection_hook(self, model: nn.Module, config: SparseDiffConfig, adapter_name: str) -> None:
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        setattr(parent, child_name, new_module)
+        base = child.get_base_layer() if isinstance(child, BaseTunerLayer) else child
+        device = next(iter(base.parameters()), torch.empty(0)).device
+        if device.type != "meta":
+            for name, module in new_module.named_modules():
+                if self.prefix in name:
+                    module.to(device)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config = self.peft_config[adapter_name]
         check_base_identity(self, config, adapter_name)
         if config.counts is None and config.is_data_free:
             from .selection import select_data_free
 
             select_data_free(self, adapter_name)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        if safe_merge:
+            self._check_merge(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=False)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge and safe_merge:
+            self._check_merge(adapter_names)
+        return super()._unload_and_optionally_merge(merge=merge, progressbar=progressbar, safe_merge=False,
+                                                    adapter_names=adapter_names)
+
+    def _check_merge(self, adapter_names: list[str] | None) -> None:
+        """Check every layer before changing any, so a refused safe merge leaves the whole model unchanged."""
+        for module in self.model.modules():
+            if isinstance(module, SparseDiffLayer):
+                module.check_merge(adapter_names if adapter_names is not None else module.active_adapters)
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -76,22 +106,51 @@ class SparseDiffModel(BaseTuner):
         return remapped
 
 
-def candidate_modules(model: nn.Module) -> set[str]:
-    """Names of modules whose own parameters can carry a delta.
+def _check_patterns_match(config: SparseDiffConfig, candidates: list[str]) -> None:
+    """Refuse target_modules / exclude_modules that match none of the modules owning parameters."""
+    example = ", ".join(candidates[:6]) + (", ..." if len(candidates) > 6 else "")
+    for field_name in ("target_modules", "exclude_modules"):
+        patterns = getattr(config, field_name)
+        if not patterns:
+            continue
+        probe = SimpleNamespace(exclude_modules=None, modules_to_save=None, target_modules=patterns,
+                                target_parameters=None, layers_to_transform=None, layers_pattern=None)
+        if not any(check_target_module_exists(probe, key) for key in candidates):
+            raise ConfigError(
+                f"{field_name}={sorted(patterns) if isinstance(patterns, set) else patterns!r} matches none of "
+                f"the {len(candidates)} modules that own parameters (searched: {example}); use names or a "
+                "regex from model.named_modules()."
+            )
+
+
+def candidate_modules(model: nn.Module) -> tuple[set[str], set[int]]:
+    """Names of modules whose own parameters can carry a delta, and the ids of shared (tied) parameters.
 
     A module qualifies if it owns parameters directly (or is already a sam-peft layer); modules inside
-    auxiliary wrappers (modules_to_save) never do; a parameter shared by several modules (tied weights) is
-    tuned once, at its first owner; a module that owns parameters and also has children with parameters is
-    skipped with a warning (its children are targeted instead).
+    auxiliary wrappers (modules_to_save) never do. A parameter owned by several modules (tied weights, e.g.
+    input and output embeddings) is not tuned at all, since a delta on one owner would not reach the other;
+    a warning names it. A module that owns parameters and also has children with parameters is skipped with
+    a warning (its children are targeted instead).
     """
-    names, seen, skipped = set(), set(), []
     aux_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper))
     tuner_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, BaseTunerLayer))
-    for name, module in model.named_modules():
+    owners: dict[int, list[str]] = {}
+    modules = []
+    for name, module in model.named_modules(remove_duplicate=False):
         if not name or name.startswith(aux_prefixes) or name.startswith(tuner_prefixes):
             continue
         if isinstance(module, AuxiliaryTrainingWrapper):
             continue
+        modules.append((name, module))
+        if not isinstance(module, SparseDiffLayer):
+            for pname, param in own_parameters(module).items():
+                owners.setdefault(id(param), []).append(f"{name}.{pname}")
+    shared = {pid for pid, names in owners.items() if len(names) > 1}
+    if shared:
+        logger.warning("Tied parameters are not tuned (a delta on one owner would not reach the others): %s",
+                       sorted(owners[pid][0] for pid in shared))
+    names, skipped = set(), []
+    for name, module in modules:
         if isinstance(module, SparseDiffLayer):
             names.add(name)
             continue
@@ -101,28 +160,26 @@ def candidate_modules(model: nn.Module) -> set[str]:
         if any(own_parameters(child) for child in module.modules() if child is not module):
             skipped.append(name)
             continue
-        fresh = [p for p in params.values() if id(p) not in seen]
-        seen.update(id(p) for p in params.values())
-        if fresh:
+        if any(id(p) not in shared for p in params.values()):
             names.add(name)
     if skipped:
         logger.warning("Own parameters of these container modules are not tuned: %s", skipped)
-    return names
+    return names, shared
 
 
 # --------------------------------------------------------------------------- identity
-def _target_parameters(tuner) -> dict[str, torch.Tensor]:
+def _target_parameters(tuner, adapter_name: str) -> dict[str, torch.Tensor]:
     found = {}
     for module in tuner.model.modules():
-        if isinstance(module, SparseDiffLayer):
-            for attr, param in own_parameters(module.get_base_layer()).items():
+        if isinstance(module, SparseDiffLayer) and adapter_name in module.sparsediff_values:
+            for attr, param in module.tuned_parameters().items():
                 found[f"{module.module_key}.{attr}"] = param
     return found
 
 
-def base_identity(tuner) -> dict[str, str]:
-    """Architecture, fingerprint of the targeted base weights, and digest of their names and shapes."""
-    params = _target_parameters(tuner)
+def base_identity(tuner, adapter_name: str) -> dict[str, str]:
+    """Architecture, fingerprint of the adapter's targeted base weights, and digest of their names and shapes."""
+    params = _target_parameters(tuner, adapter_name)
     return {
         "base_architecture": architecture_of(tuner.model),
         "base_fingerprint": weights_fingerprint(params),
@@ -133,7 +190,7 @@ def base_identity(tuner) -> dict[str, str]:
 def check_base_identity(tuner, config: SparseDiffConfig, adapter_name: str) -> None:
     """Record the base identity in a new config, or refuse a config recorded on another base."""
     merged = any(isinstance(m, SparseDiffLayer) and m.merged for m in tuner.model.modules())
-    identity = base_identity(tuner)
+    identity = base_identity(tuner, adapter_name)
     if config.base_fingerprint is None:
         if merged:
             logger.warning("Adapter '%s' is added while another is merged: its fingerprint includes that delta.",
@@ -183,7 +240,7 @@ def load_entries(model: nn.Module, config: SparseDiffConfig, adapter_name: str, 
         if not isinstance(module, SparseDiffLayer) or adapter_name not in module.sparsediff_values:
             continue
         prefix = _state_key_prefix(model, module)
-        for attr, param in own_parameters(module.get_base_layer()).items():
+        for attr, param in module.tuned_parameters().items():
             name = f"{module.module_key}.{attr}"
             idx_key = f"{prefix}.sparsediff_indices.{adapter_name}.{attr}"
             val_key = f"{prefix}.sparsediff_values.{adapter_name}.{attr}"

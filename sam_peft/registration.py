@@ -11,6 +11,7 @@ import contextvars
 import os
 
 import peft.peft_model
+import peft.utils.save_and_load
 from peft.utils import PeftType, register_peft_method
 
 METHOD_NAME = "sparsediff"
@@ -46,18 +47,30 @@ def _atomic_peft_save_file(tensors, filename, metadata=None):
     from .model import identity_metadata
 
     metadata = dict(metadata or {})
-    model = _SAVING_MODEL.get()
-    if model is not None and any(f".{PREFIX}indices." in key for key in tensors):
-        adapter_dir = os.path.basename(os.path.dirname(os.path.abspath(filename)))
-        adapter_name = adapter_dir if adapter_dir in model.peft_config else "default"
-        config = model.peft_config.get(adapter_name) or next(iter(model.peft_config.values()))
-        metadata.update(identity_metadata(config))
+    saving = _SAVING_MODEL.get()
+    if saving is not None and any(f".{PREFIX}indices." in key for key in tensors):
+        model, save_directory = saving
+        file_dir = os.path.dirname(os.path.abspath(filename))
+        if file_dir == os.path.abspath(save_directory):
+            adapter_name = "default"
+        else:  # peft writes adapter `name` into save_directory/name
+            adapter_name = os.path.basename(file_dir)
+        if adapter_name in model.peft_config:
+            metadata.update(identity_metadata(model.peft_config[adapter_name]))
     save_safetensors_atomic(tensors, filename, metadata=metadata)
+
+
+def _checked_peft_load_file(filename, device="cpu"):
+    """Drop-in for safetensors' `load_file` inside peft: a clear error that names a damaged file."""
+    from .io import load_safetensors_checked
+
+    tensors, _ = load_safetensors_checked(filename)
+    return {key: tensor.to(device) for key, tensor in tensors.items()}
 
 
 def _wrap_save_pretrained(original):
     def save_pretrained(self, save_directory, *args, **kwargs):
-        token = _SAVING_MODEL.set(self)
+        token = _SAVING_MODEL.set((self, save_directory))
         try:
             return original(self, save_directory, *args, **kwargs)
         finally:
@@ -79,5 +92,6 @@ def register() -> None:
         return
     register_peft_method(name=METHOD_NAME, config_cls=SparseDiffConfig, model_cls=SparseDiffModel, prefix=PREFIX)
     peft.peft_model.safe_save_file = _atomic_peft_save_file
+    peft.utils.save_and_load.safe_load_file = _checked_peft_load_file
     if not hasattr(peft.peft_model.PeftModel.save_pretrained, "__wrapped__"):
         peft.peft_model.PeftModel.save_pretrained = _wrap_save_pretrained(peft.peft_model.PeftModel.save_pretrained)
