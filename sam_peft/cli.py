@@ -130,6 +130,23 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_glue(args: argparse.Namespace) -> int:
+    from .bench.glue import run_profile
+
+    path = run_profile(args.profile, name=args.name, results_dir=args.results_dir, model=args.model,
+                       data_dir=args.data_dir, jobs=args.jobs, tasks=args.tasks, methods=args.methods,
+                       max_runs=args.max_runs, command="sam-peft " + " ".join(sys.argv[1:]))
+    print(f"results in {path}")
+    return 0
+
+
+def _bench_report(args: argparse.Namespace) -> int:
+    from .bench.report import write_report
+
+    print(f"report written to {write_report(args.results, args.output)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sam-peft", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -181,6 +198,23 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--task", help="task (default: read from the run's metrics.json)")
     merge.add_argument("--model", help="base model (default: the packaged all-MiniLM-L6-v2)")
     merge.set_defaults(func=_merge)
+
+    bench = sub.add_parser("bench", help="reproduction harness").add_subparsers(dest="bench", required=True)
+    glue = bench.add_parser("glue", help="run (or resume) a profile: smoke, quick, paper or sweep")
+    glue.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper", "sweep"])
+    glue.add_argument("--name", help="results file name (default: the profile name)")
+    glue.add_argument("--results-dir", default="benchmarks/results")
+    glue.add_argument("--data-dir", help="directory of the official task files (default: the hub)")
+    glue.add_argument("--model", help="base model (default: the packaged all-MiniLM-L6-v2)")
+    glue.add_argument("--jobs", type=int, default=1, help="parallel runs (at most the number of cores)")
+    glue.add_argument("--tasks", nargs="+", help="only these tasks")
+    glue.add_argument("--methods", nargs="+", help="only these methods")
+    glue.add_argument("--max-runs", type=int, help="stop after this many new runs (run a profile in parts)")
+    glue.set_defaults(func=_bench_glue)
+    report = bench.add_parser("report", help="tables and plots from results files")
+    report.add_argument("results", nargs="+", help="results .jsonl files")
+    report.add_argument("--output", default="docs/benchmarks-glue.md")
+    report.set_defaults(func=_bench_report)
     return parser
 
 

@@ -184,7 +184,7 @@ def run_training(settings: TrainSettings) -> dict:
         callbacks=callbacks,
     )
     train_start = time.perf_counter()
-    trainer.train()
+    train_output = trainer.train()
     train_seconds = time.perf_counter() - train_start
     trainer.remove_callback(EarlyStoppingCallback)
     dev_metrics = trainer.evaluate(encoded["dev"], metric_key_prefix="dev")
@@ -213,6 +213,7 @@ def run_training(settings: TrainSettings) -> dict:
         "burn_in_seconds": sam_callback.report.seconds if sam_callback and sam_callback.report else None,
         "burn_in_steps": burn_in if sam_callback else None,
         "global_steps": trainer.state.global_step,
+        "train_loss": train_output.training_loss,
         "trainable_params": trainable,
         "delta_bytes": delta_bytes,
         "settings": settings_dict,

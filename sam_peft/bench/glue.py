@@ -1,0 +1,121 @@
+"""Run a benchmark profile, one JSON record per finished run, resumable.
+
+Each run trains through `sam_peft.training.run_training` (the `sam-peft train` path) in a scratch directory;
+when it finishes, one line is appended (and fsync'ed) to `benchmarks/results/<name>.jsonl`. Runs already
+recorded are skipped, so a killed harness restarts where it stopped; a line cut off by a kill is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .profiles import PROFILES, Profile
+
+logger = logging.getLogger(__name__)
+
+
+def run_key(run: dict) -> tuple:
+    return (run["task"], run["method"], int(run["seed"]), run.get("sparsity"))
+
+
+def read_records(path: Path) -> list[dict]:
+    """Finished runs in a results file (a malformed last line from a killed write is skipped)."""
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            logger.warning("%s:%d is not a complete JSON record (a killed write?); ignoring it.", path, number)
+            continue
+        if record.get("status") == "done":
+            records.append(record)
+    return records
+
+
+def append_record(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, default=str) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=False).stdout.strip()
+    except OSError:
+        return ""
+
+
+def _one_run(run: dict, profile: Profile, model: str | None, data_dir: str | None, threads: int,
+             command: str) -> dict:
+    import torch
+
+    from ..training import TrainSettings, run_training
+
+    torch.set_num_threads(threads)
+    scratch = tempfile.mkdtemp(prefix="sam-peft-bench-")
+    try:
+        settings = TrainSettings(
+            task=run["task"], output=scratch, model=model, data_dir=data_dir, method=run["method"],
+            sparsity=run["sparsity"] or 0.005, seed=run["seed"], lr=profile.lrs.get(run["method"]),
+            progress=False, **profile.settings,
+        )
+        metrics = run_training(settings)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {
+        "task": run["task"], "method": run["method"], "seed": run["seed"], "sparsity": run["sparsity"],
+        "model": metrics["model"], "metric": metrics["metric"], "metrics": metrics["metrics"],
+        "dev_metric": metrics["dev_metrics"].get("primary"), "train_loss": metrics.get("train_loss"),
+        "status": "done", "train_seconds": metrics["train_seconds"],
+        "burn_in_seconds": metrics["burn_in_seconds"], "trainable_params": metrics["trainable_params"],
+        "delta_bytes": metrics["delta_bytes"], "lr": settings.lr, "profile": profile.name,
+        "settings": {k: v for k, v in profile.settings.items()}, "git_commit": _git_commit(), "command": command,
+    }
+
+
+def run_profile(profile_name: str, *, name: str | None = None, results_dir: str = "benchmarks/results",
+                model: str | None = None, data_dir: str | None = None, jobs: int = 1,
+                tasks: list[str] | None = None, methods: list[str] | None = None, max_runs: int | None = None,
+                command: str = "") -> Path:
+    """Run (or continue) a profile; returns the results file."""
+    profile = PROFILES[profile_name]
+    cores = os.cpu_count() or 1
+    if jobs < 1 or jobs > cores:
+        raise ValueError(f"--jobs {jobs} would oversubscribe this machine's {cores} cores; use 1..{cores}.")
+    path = Path(results_dir) / f"{name or profile_name}.jsonl"
+    done = {run_key(r) for r in read_records(path)}
+    todo = [r for r in profile.runs() if run_key(r) not in done
+            and (not tasks or r["task"] in tasks) and (not methods or r["method"] in methods)]
+    if max_runs is not None:
+        todo = todo[:max_runs]
+    logger.info("%s: %d runs done, %d to go -> %s", profile_name, len(done), len(todo), path)
+    threads = max(1, cores // jobs)
+    progress = tqdm(total=len(todo), desc=f"bench {profile_name}")
+    if jobs == 1:
+        for run in todo:
+            append_record(path, _one_run(run, profile, model, data_dir, threads, command))
+            progress.update()
+    else:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(_one_run, run, profile, model, data_dir, threads, command) for run in todo]
+            for future in futures:
+                append_record(path, future.result())
+                progress.update()
+    progress.close()
+    return path

@@ -1,0 +1,167 @@
+"""`sam-peft bench report`: Table 1 (mean ± std, ranks), Table 5 (t-tests of SAM against each method),
+the stability/performance rank correlation (Fig. 4) and the sparsity sweep (Fig. 5), as markdown and PNG."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from .glue import read_records
+
+TASK_ORDER = ("cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc")
+
+
+def _by(records, *keys):
+    out = defaultdict(list)
+    for r in records:
+        out[tuple(r[k] for k in keys)].append(r)
+    return out
+
+
+def table1(records: list[dict]) -> tuple[str, dict]:
+    """Markdown table of mean ± std (over seeds) per task, the average over tasks, and ranks."""
+    records = [r for r in records if r.get("sparsity") in (None, 0.005)]
+    tasks = [t for t in TASK_ORDER if any(r["task"] == t for r in records)]
+    methods = sorted({r["method"] for r in records})
+    cells = _by(records, "method", "task")
+    summary = {}
+    for method in methods:
+        per_task = {t: [r["metric"] for r in cells.get((method, t), [])] for t in tasks}
+        if not all(per_task.values()):
+            continue
+        seeds = sorted({r["seed"] for t in tasks for r in cells[(method, t)]})
+        averages = [np.mean([r["metric"] for t in tasks for r in cells[(method, t)] if r["seed"] == s])
+                    for s in seeds if all(any(r["seed"] == s for r in cells[(method, t)]) for t in tasks)]
+        summary[method] = {
+            "tasks": {t: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v))
+                      for t, v in per_task.items()},
+            "mean": float(np.mean([np.mean(v) for v in per_task.values()])),
+            # stability: std over seeds of the per-seed average over tasks
+            "std": float(np.std(averages, ddof=1)) if len(averages) > 1 else float("nan"),
+            "seeds": len(averages),
+        }
+    order = sorted(summary, key=lambda m: -summary[m]["mean"])
+    std_order = sorted(summary, key=lambda m: summary[m]["std"])
+    for rank, method in enumerate(order, 1):
+        summary[method]["rank"] = rank
+        summary[method]["stability_rank"] = std_order.index(method) + 1
+    header = "| method | " + " | ".join(tasks) + " | mean | std (seeds) | rank |"
+    lines = [header, "|" + "---|" * (len(tasks) + 4)]
+    for method in order:
+        s = summary[method]
+        row = [f"{s['tasks'][t][0]:.2f} ± {s['tasks'][t][1]:.2f}" for t in tasks]
+        lines.append(f"| {method} | " + " | ".join(row) + f" | **{s['mean']:.2f}** | {s['std']:.2f} | {s['rank']} |")
+    return "\n".join(lines), summary
+
+
+def table5(records: list[dict], reference: str = "sam") -> str:
+    """Paired t-tests of the reference method against each method over matched (task, seed) runs."""
+    cells = {(r["method"], r["task"], r["seed"]): r["metric"] for r in records if r.get("sparsity") in (None, 0.005)}
+    methods = sorted({m for m, _, _ in cells} - {reference})
+    lines = [f"| {reference} vs | pairs | mean difference | t | p |", "|---|---|---|---|---|"]
+    for method in methods:
+        pairs = [(cells[(reference, t, s)], cells[(method, t, s)]) for (m, t, s) in cells
+                 if m == method and (reference, t, s) in cells]
+        if len(pairs) < 2:
+            continue
+        a, b = np.array(pairs).T
+        t, p = stats.ttest_rel(a, b)
+        lines.append(f"| {method} | {len(pairs)} | {np.mean(a - b):+.2f} | {t:.2f} | {p:.3g} |")
+    return "\n".join(lines)
+
+
+def rank_correlation(summary: dict) -> tuple[float, float]:
+    """Spearman correlation between the stability rank and the performance rank (Fig. 4)."""
+    methods = [m for m in summary if not math.isnan(summary[m]["std"])]
+    if len(methods) < 3:
+        return float("nan"), float("nan")
+    rho, p = stats.spearmanr([summary[m]["rank"] for m in methods], [summary[m]["stability_rank"] for m in methods])
+    return float(rho), float(p)
+
+
+def sweep_table(records: list[dict]) -> tuple[str, dict]:
+    """Mean ± std over tasks and seeds of the dev metric for each sparsity of SAM (Fig. 5)."""
+    rows = defaultdict(list)
+    for r in records:
+        if r["method"] == "sam" and r.get("sparsity"):
+            rows[r["sparsity"]].append(r)
+    data = {}
+    lines = ["| sparsity | runs | dev metric | train loss |", "|---|---|---|---|"]
+    for p in sorted(rows):
+        metric = [r["metric"] for r in rows[p]]
+        loss = [r["train_loss"] for r in rows[p] if r.get("train_loss") is not None]
+        data[p] = (float(np.mean(metric)), float(np.std(metric)), float(np.mean(loss)) if loss else float("nan"))
+        lines.append(f"| {p} | {len(metric)} | {data[p][0]:.2f} ± {data[p][1]:.2f} | {data[p][2]:.4f} |")
+    return "\n".join(lines), data
+
+
+def _plot_methods(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = sorted(summary, key=lambda m: -summary[m]["mean"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.bar(order, [summary[m]["mean"] for m in order], yerr=[summary[m]["std"] for m in order], capsize=4)
+    left.set_ylabel("mean primary metric over tasks (0-100)")
+    left.set_title("performance (error bar: std over seeds)")
+    left.tick_params(axis="x", rotation=45)
+    right.scatter([summary[m]["stability_rank"] for m in order], [summary[m]["rank"] for m in order])
+    for m in order:
+        right.annotate(m, (summary[m]["stability_rank"], summary[m]["rank"]))
+    right.set_xlabel("stability rank (1 = lowest std)")
+    right.set_ylabel("performance rank (1 = best)")
+    right.set_title("stability vs performance (Fig. 4)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_sweep(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ps = sorted(data)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(ps, [data[p][0] for p in ps], yerr=[data[p][1] for p in ps], marker="o", capsize=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("sparsity p (fraction tuned)")
+    ax.set_ylabel("dev metric (0-100)")
+    ax.set_title("SAM: performance against sparsity (Fig. 5)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(results: list[str], output: str) -> Path:
+    """Write the markdown report (and PNG plots beside it) for one or more results files."""
+    records = [r for path in results for r in read_records(Path(path))]
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parts = [f"# GLUE/SuperGLUE benchmark report\n\nResults: {', '.join(results)} ({len(records)} runs).\n"]
+    main = [r for r in records if r.get("sparsity") in (None, 0.005)]
+    if main:
+        text, summary = table1(main)
+        rho, p = rank_correlation(summary)
+        parts += ["## Table 1: primary metric on the official dev split, mean ± std over seeds\n", text,
+                  "\n## Table 5: paired t-tests of SAM against each method\n", table5(main),
+                  f"\n## Stability vs performance\n\nSpearman ρ between stability rank and performance rank: "
+                  f"{rho:.3f} (p = {p:.3g}).\n"]
+        if summary:
+            plot = out.with_name(out.stem + "-methods.png")
+            _plot_methods(summary, plot)
+            parts.append(f"![methods]({plot.name})\n")
+    if len({r.get('sparsity') for r in records if r['method'] == 'sam'} - {None}) > 1:
+        text, data = sweep_table(records)
+        plot = out.with_name(out.stem + "-sweep.png")
+        _plot_sweep(data, plot)
+        parts += ["## Sparsity sweep (SAM)\n", text, f"\n![sweep]({plot.name})\n"]
+    out.write_text("\n".join(parts) + "\n")
+    return out

