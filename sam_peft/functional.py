@@ -8,6 +8,7 @@ columns without one cost nothing.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,27 @@ _RESTRICT_BELOW = 0.9
 def compose(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """A new tensor equal to `weight` with `values` added at the flat `indices` (differentiable in values)."""
     return weight.reshape(-1).index_add(0, indices, values.to(weight.dtype)).view_as(weight)
+
+
+_scratch = threading.local()
+
+
+def compose_scratch(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`compose` into one reusable buffer per (device, dtype): no fresh allocation (and page faults) per call.
+
+    The result is only valid until the next call; callers use it at once and never keep it.
+    """
+    key = (weight.device, weight.dtype)
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < weight.numel():
+        buffer = buffers[key] = torch.empty(weight.numel(), dtype=weight.dtype, device=weight.device)
+    out = buffer[: weight.numel()].view_as(weight)
+    out.copy_(weight)
+    out.view(-1).index_add_(0, indices, values.detach().to(weight.dtype))
+    return out
 
 
 @dataclass(frozen=True)
@@ -57,7 +79,7 @@ class SparseDeltaMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, values, indices, structure, transposed):
-        composed = compose(weight, indices, values)
+        composed = compose_scratch(weight, indices, values)
         out = _matmul(x, composed, bias, transposed)
         ctx.save_for_backward(x, weight, values, indices)
         ctx.structure = structure
@@ -69,7 +91,7 @@ class SparseDeltaMatmul(torch.autograd.Function):
         x, weight, values, indices = ctx.saved_tensors
         grad_x = grad_bias = grad_values = None
         if ctx.needs_input_grad[0]:
-            composed = compose(weight, indices, values)
+            composed = compose_scratch(weight, indices, values)
             grad_x = grad_out @ (composed.t() if ctx.transposed else composed)
         go2 = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[2]:
@@ -98,9 +120,10 @@ def sparse_delta_matmul(
     transposed: bool = False,
 ) -> torch.Tensor:
     """Linear map through `weight` + sparse delta; see `SparseDeltaMatmul`."""
-    if torch.is_grad_enabled() and values.requires_grad:
+    if torch.is_grad_enabled() and (values.requires_grad or x.requires_grad or
+                                    (bias is not None and bias.requires_grad)):
         return SparseDeltaMatmul.apply(x, weight, bias, values, indices, structure, transposed)
-    return _matmul(x, compose(weight, indices, values), bias, transposed)
+    return _matmul(x, compose_scratch(weight, indices, values), bias, transposed)
 
 
 def sparse_delta_embedding(
