@@ -72,7 +72,8 @@ def _batch(model_name: str, vocab: int):
 
 
 def _state_bytes(model, optimizer) -> int:
-    total = 0
+    """Trainable values + their gradients + optimizer state + the integer indices of sparse deltas."""
+    total = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "sparsediff_indices" in n)
     for p in model.parameters():
         if p.requires_grad:
             total += 2 * p.numel() * p.element_size()  # value + gradient
@@ -92,13 +93,12 @@ def worker(method: str, model_name: str, steps: int, sparsity: float) -> dict:
     model = _wrap(model, method, sparsity)
     result = {"method": method, "model": model_name}
     if method == "burnin":
-        model.train()
         times = []
-        for _ in range(steps + 1):
-            start = time.perf_counter()
-            sam_peft.select_parameters(model, [batch], num_steps=1, progress=False)
-            times.append(time.perf_counter() - start)
+        for _ in range(steps + 1):  # one burn-in step each (forward, backward, statistics folded in)
+            report = sam_peft.select_parameters(model, [batch], num_steps=1, progress=False)
+            times.append(report.burn_in_seconds)
         result["step_seconds"] = times[1:]
+        result["selection_seconds"] = report.seconds - report.burn_in_seconds
     else:
         if method == "sam":
             sam_peft.select_parameters(model, [batch], num_steps=1, progress=False)
@@ -140,13 +140,13 @@ def _delta_figures(model, load_seconds: float) -> dict:
     other = delta.scale(0.5)
     delta.apply_to(plain)
     switches = []
-    for _ in range(5):
+    for _ in range(5):  # remove one task's delta, apply another's (with the base fingerprint check)
         start = time.perf_counter()
         delta.remove_from(plain)
-        other.apply_to(plain, verify_fingerprint=False)
+        other.apply_to(plain)
         switches.append(time.perf_counter() - start)
         other.remove_from(plain)
-        delta.apply_to(plain, verify_fingerprint=False)
+        delta.apply_to(plain)
     return {"k": k, "adapter_file_bytes": file_bytes, "head_bytes": head_bytes,
             "entry_bytes": k * (4 + 4), "switch_seconds": switches, "load_seconds": load_seconds}
 

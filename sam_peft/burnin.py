@@ -88,10 +88,12 @@ def select_parameters(
 
     peft_model = getattr(model, "module", model)
     stats = _Statistics()
+    burn_in_start = time.perf_counter()
     with _burn_in_mode(peft_model, tuner, found, dropout):
         steps = _accumulate(peft_model, found, dataloader, num_steps, config.selection, stats,
                             per_example=per_example, hutchinson_samples=hutchinson_samples, progress=progress)
     _all_reduce(stats)
+    burn_in_seconds = time.perf_counter() - burn_in_start
     named_scores = [(t.name, _score(config.selection, stats, t.name)) for t in found]
     for name, score in named_scores:
         if not torch.isfinite(score).all():
@@ -103,7 +105,7 @@ def select_parameters(
     install(tuner, adapter_name, chosen)
     del stats
     return SelectionReport.build(tuner, adapter_name, steps=steps, seconds=time.perf_counter() - start,
-                                 scores=named_scores, chosen=chosen)
+                                 burn_in_seconds=burn_in_seconds, scores=named_scores, chosen=chosen)
 
 
 def _check_targets(found: list[Target]) -> None:

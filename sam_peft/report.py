@@ -22,6 +22,7 @@ class SelectionReport:
     seconds: float
     selected: int
     total: int
+    burn_in_seconds: float = 0.0
     per_parameter: dict[str, dict[str, int]] = field(default_factory=dict)
     per_layer: dict[str, float] = field(default_factory=dict)
     per_kind: dict[str, float] = field(default_factory=dict)
@@ -32,7 +33,8 @@ class SelectionReport:
         return self.selected / max(self.total, 1)
 
     @classmethod
-    def build(cls, model, adapter_name: str, *, steps: int, seconds: float, scores=None, chosen=None):
+    def build(cls, model, adapter_name: str, *, steps: int, seconds: float, burn_in_seconds: float = 0.0,
+              scores=None, chosen=None):
         config = model.peft_config[adapter_name]
         per_parameter, layer_tot, kind_tot = {}, defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
         for t in targets(model, adapter_name):
@@ -52,7 +54,8 @@ class SelectionReport:
         total = sum(v["numel"] for v in per_parameter.values())
         return cls(
             adapter_name=adapter_name, selection=config.selection, allocation=config.allocation,
-            sparsity=config.sparsity, steps=steps, seconds=seconds, selected=selected, total=total,
+            sparsity=config.sparsity, steps=steps, seconds=seconds, burn_in_seconds=burn_in_seconds,
+            selected=selected, total=total,
             per_parameter=per_parameter,
             per_layer={k: s / max(n, 1) for k, (s, n) in layer_tot.items()},
             per_kind={k: s / max(n, 1) for k, (s, n) in kind_tot.items()},
@@ -65,7 +68,7 @@ class SelectionReport:
     def __str__(self) -> str:
         lines = [
             f"selection={self.selection} allocation={self.allocation} sparsity={self.sparsity} "
-            f"steps={self.steps} time={self.seconds:.1f}s",
+            f"steps={self.steps} burn-in={self.burn_in_seconds:.1f}s total={self.seconds:.1f}s",
             f"selected {self.selected:,} of {self.total:,} entries ({100 * self.density:.3f} %)",
         ]
         lines += [f"  layer {layer:>6}: {100 * d:7.3f} %" for layer, d in self.per_layer.items()]

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-CHUNK = 1 << 24  # entries per pass chunk: bounds the temporary memory for very large tensors
+CHUNK = 1 << 18  # entries per pass chunk: bounds the temporary memory (a few MB) whatever the tensor size
 _BINS = 1 << 16
 
 
@@ -23,7 +23,7 @@ def _keys(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _chunks(tensor: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    flat = tensor.reshape(-1)
+    flat = tensor.detach().reshape(-1)
     for start in range(0, flat.numel(), CHUNK):
         yield start, _keys(flat[start : start + CHUNK])
 
@@ -39,7 +39,7 @@ def _threshold(named: list[tuple[str, torch.Tensor]], k: int) -> tuple[int, int]
     high = torch.zeros(_BINS, dtype=torch.long)
     for _, scores in named:
         for _, keys in _chunks(scores):
-            high += torch.bincount(((keys >> 16) + 32768).long(), minlength=_BINS).cpu()
+            high += torch.bincount((keys >> 16) + 32768, minlength=_BINS).cpu()
     from_top = high.flip(0).cumsum(0)
     j = int(torch.searchsorted(from_top, k))  # first high bucket (from the top) reaching k
     bucket = _BINS - 1 - j
@@ -48,7 +48,7 @@ def _threshold(named: list[tuple[str, torch.Tensor]], k: int) -> tuple[int, int]
     for _, scores in named:
         for _, keys in _chunks(scores):
             in_bucket = keys[((keys >> 16) + 32768) == bucket]
-            low += torch.bincount((in_bucket & 0xFFFF).long(), minlength=_BINS).cpu()
+            low += torch.bincount(in_bucket & 0xFFFF, minlength=_BINS).cpu()
     low_from_top = low.flip(0).cumsum(0)
     i = int(torch.searchsorted(low_from_top, k - above_high))
     above = above_high + (int(low_from_top[i - 1]) if i > 0 else 0)
