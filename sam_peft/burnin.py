@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import SelectionError
+from .errors import ConfigError, SelectionError
 from .report import SelectionReport
 from .scores import fisher_scores, sam_hessian_scores, sam_scores
 from .selection import Target, choose, install, resolve_adapter, select_data_free, targets, tuner_of
@@ -73,7 +73,7 @@ def select_parameters(
         from .config import SELECTIONS
 
         if selection not in SELECTIONS:
-            raise ValueError(f"selection={selection!r} is unknown; choose one of {list(SELECTIONS)}.")
+            raise ConfigError(f"selection={selection!r} is unknown; choose one of {list(SELECTIONS)}.")
         config.selection = selection
     if any(getattr(m, "merged", False) for m in tuner.model.modules() if hasattr(m, "sparsediff_values")):
         raise SelectionError("an adapter is merged into the base weights; unmerge_adapter() before selecting.")

@@ -44,6 +44,7 @@ class SparseDiffConfig(PeftConfig):
         counts (`dict[str, int] | None`): Entries per base parameter name, filled when the entries are
             selected and used to rebuild exact shapes on load. Not set by hand.
         base_fingerprint (`str | None`): Fingerprint of the base weights the delta was recorded on.
+        base_shapes_digest (`str | None`): Digest of the targeted parameters' names and shapes.
         base_architecture (`str | None`): Class name of the base model.
         format_version (`int`): Version of the adapter format; newer unknown versions are refused.
     """
@@ -78,6 +79,9 @@ class SparseDiffConfig(PeftConfig):
     base_fingerprint: str | None = field(
         default=None, metadata={"help": "Fingerprint of the base weights the delta belongs to."}
     )
+    base_shapes_digest: str | None = field(
+        default=None, metadata={"help": "Digest of the names and shapes of the targeted base parameters."}
+    )
     base_architecture: str | None = field(
         default=None, metadata={"help": "Class name of the base model the delta belongs to."}
     )
@@ -111,7 +115,10 @@ class SparseDiffConfig(PeftConfig):
             raise ConfigError(f"selection={self.selection!r} is unknown; choose one of {list(SELECTIONS)}.")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"allocation={self.allocation!r} is unknown; choose one of {list(ALLOCATIONS)}.")
-        if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:
+        if isinstance(self.format_version, bool) or not isinstance(self.format_version, int):
+            raise ConfigError(f"adapter format_version={self.format_version!r} must be an integer; the "
+                              "adapter_config.json is corrupted.")
+        if self.format_version > FORMAT_VERSION:
             raise ConfigError(
                 f"adapter format_version={self.format_version!r} is newer than this sam-peft understands "
                 f"(≤ {FORMAT_VERSION}); upgrade sam-peft to load it."

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -56,12 +58,64 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+CHECKSUM_KEY = "sam_peft_checksums"
+_DIGITS = 16
+
+
+def _digest(*parts: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()[:_DIGITS]
+
+
+def _tensor_digest(key: str, tensor: torch.Tensor) -> str:
+    flat = tensor.detach().contiguous().cpu().reshape(-1)
+    return _digest(key.encode(), str(tensor.dtype).encode(), str(list(tensor.shape)).encode(),
+                   flat.view(torch.uint8).numpy().tobytes())
+
+
+def checksums(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 digests (16 hex digits) of every tensor (name, dtype, shape, bytes) and of the metadata."""
+    meta = {k: v for k, v in metadata.items() if k != CHECKSUM_KEY}
+    return json.dumps({
+        "tensors": {key: _tensor_digest(key, tensors[key]) for key in sorted(tensors)},
+        "metadata": _digest(json.dumps(meta, sort_keys=True).encode()),
+    }, separators=(",", ":"))
+
+
 def save_safetensors_atomic(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
-    """Serialise `tensors` as safetensors and write them atomically."""
+    """Serialise `tensors` as safetensors, with checksums in the metadata, and write them atomically."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = dict(metadata or {})
+    metadata[CHECKSUM_KEY] = checksums(tensors, metadata)
     write_bytes_atomic(path, safetensors_bytes(tensors, metadata=metadata))
+
+
+def verify_checksums(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Refuse a file whose tensors or metadata differ from the checksums written with it (if any)."""
+    recorded = metadata.get(CHECKSUM_KEY)
+    if recorded is None:
+        return
+    try:
+        expected = json.loads(recorded)
+        expected_tensors, expected_meta = dict(expected["tensors"]), expected["metadata"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DeltaFileError(f"{path} has unreadable checksums in its metadata; the file is corrupted.") from exc
+    if set(expected_tensors) != set(tensors):
+        changed = sorted(set(expected_tensors) ^ set(tensors))[:5]
+        raise DeltaFileError(f"{path} holds other tensors than it was written with ({changed}); the file is "
+                             "corrupted or was edited. Save the adapter again.")
+    for key in sorted(tensors):
+        if _tensor_digest(key, tensors[key]) != expected_tensors[key]:
+            raise DeltaFileError(f"the bytes of '{key}' in {path} do not match the checksum written with the "
+                                 "file; it is corrupted. Re-copy it or save the adapter again.")
+    meta = {k: v for k, v in metadata.items() if k != CHECKSUM_KEY}
+    if _digest(json.dumps(meta, sort_keys=True).encode()) != expected_meta:
+        raise DeltaFileError(f"the metadata of {path} does not match the checksum written with the file; it was "
+                             "edited or corrupted. Save the adapter again.")
 
 
 def load_safetensors_checked(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -78,4 +132,5 @@ def load_safetensors_checked(path: str | os.PathLike) -> tuple[dict[str, torch.T
             f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc}); it is truncated or "
             "corrupted. Re-copy it or save the adapter again."
         ) from exc
+    verify_checksums(path, tensors, metadata)
     return tensors, metadata

@@ -177,12 +177,14 @@ def _target_parameters(tuner, adapter_name: str) -> dict[str, torch.Tensor]:
     return found
 
 
-def base_identity(tuner, adapter_name: str) -> dict[str, str]:
-    """Architecture, fingerprint of the adapter's targeted base weights, and digest of their names and shapes."""
+def base_identity(tuner, adapter_name: str) -> dict[str, str | None]:
+    """Architecture, fingerprint of the adapter's targeted base weights (None on the meta device), and a
+    digest of their names and shapes."""
     params = _target_parameters(tuner, adapter_name)
+    on_meta = any(p.device.type == "meta" for p in params.values())
     return {
         "base_architecture": architecture_of(tuner.model),
-        "base_fingerprint": weights_fingerprint(params),
+        "base_fingerprint": None if on_meta else weights_fingerprint(params),
         "base_shapes_digest": shapes_digest({n: list(p.shape) for n, p in params.items()}),
     }
 
@@ -191,19 +193,27 @@ def check_base_identity(tuner, config: SparseDiffConfig, adapter_name: str) -> N
     """Record the base identity in a new config, or refuse a config recorded on another base."""
     merged = any(isinstance(m, SparseDiffLayer) and m.merged for m in tuner.model.modules())
     identity = base_identity(tuner, adapter_name)
-    if config.base_fingerprint is None:
+    if config.base_fingerprint is None and config.base_shapes_digest is None:
         if merged:
             logger.warning("Adapter '%s' is added while another is merged: its fingerprint includes that delta.",
                            adapter_name)
         config.base_architecture = identity["base_architecture"]
         config.base_fingerprint = identity["base_fingerprint"]
+        config.base_shapes_digest = identity["base_shapes_digest"]
         return
     if config.base_architecture and config.base_architecture != identity["base_architecture"]:
         raise BaseModelMismatchError(
             f"adapter '{adapter_name}' was recorded on a {config.base_architecture}, but the model is a "
             f"{identity['base_architecture']}; load it on the base model it was trained on."
         )
-    if config.base_fingerprint != identity["base_fingerprint"] and not merged:
+    if config.base_shapes_digest and config.base_shapes_digest != identity["base_shapes_digest"]:
+        raise BaseModelMismatchError(
+            f"adapter '{adapter_name}' was recorded on base parameters of other names or shapes than this "
+            "model's (a different model size or configuration); load it on the base model it was trained on."
+        )
+    if identity["base_fingerprint"] is None:
+        return  # weights on the meta device: nothing to compare yet
+    if config.base_fingerprint and config.base_fingerprint != identity["base_fingerprint"] and not merged:
         message = (
             f"adapter '{adapter_name}' was recorded on base weights with fingerprint {config.base_fingerprint}, "
             f"but this model's targeted weights have fingerprint {identity['base_fingerprint']}: it is not "
@@ -221,6 +231,7 @@ def identity_metadata(config: SparseDiffConfig) -> dict[str, str]:
         "sam_peft_format": str(FORMAT_VERSION),
         "base_architecture": config.base_architecture or "",
         "base_fingerprint": config.base_fingerprint or "",
+        "base_shapes_digest": config.base_shapes_digest or "",
         "selection": config.selection,
         "allocation": config.allocation,
         "sparsity": repr(config.sparsity),
@@ -262,7 +273,25 @@ def load_entries(model: nn.Module, config: SparseDiffConfig, adapter_name: str, 
             state_dict[val_key] = values.to(torch.float32)
             if module.sparsediff_values[adapter_name][attr].numel() != indices.numel():
                 module.set_entries(adapter_name, attr, state_dict[idx_key].long())
+    check_dense_entries(model, state_dict)
     config.counts = counts
+
+
+def check_dense_entries(model: nn.Module, state_dict: dict) -> None:
+    """Refuse dense adapter tensors (the modules_to_save head) of the wrong shape or dtype, or non-finite."""
+    expected = model.state_dict()
+    for key, tensor in state_dict.items():
+        if ".sparsediff_" in key or key not in expected:
+            continue
+        target = expected[key]
+        if tensor.shape != target.shape:
+            raise DeltaFileError(f"'{key}' has shape {list(tensor.shape)} in the adapter file but "
+                                 f"{list(target.shape)} in the model; the head belongs to another task or model.")
+        if target.dtype.is_floating_point and not tensor.dtype.is_floating_point:
+            raise DeltaFileError(f"'{key}' is stored as {tensor.dtype} in the adapter file, not a float; the file "
+                                 "is corrupted.")
+        if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
+            raise DeltaFileError(f"'{key}' in the adapter file contains NaN or infinity; the head is broken.")
 
 
 def check_entries(name: str, indices: torch.Tensor, values: torch.Tensor, numel: int) -> None:

@@ -68,6 +68,23 @@ def _checked_peft_load_file(filename, device="cpu"):
     return {key: tensor.to(device) for key, tensor in tensors.items()}
 
 
+def _wrap_set_state_dict(original):
+    def set_peft_model_state_dict(model, peft_model_state_dict, adapter_name="default", *args, **kwargs):
+        config = getattr(model, "peft_config", {}).get(adapter_name)
+        try:
+            return original(model, peft_model_state_dict, adapter_name, *args, **kwargs)
+        except KeyError as exc:
+            if getattr(config, "peft_type", None) != PEFT_TYPE:
+                raise
+            from .errors import DeltaFileError
+
+            raise DeltaFileError(f"the adapter file has no tensor {exc}; it is incomplete (e.g. its trained head "
+                                 "is missing). Save the adapter again.") from exc
+
+    set_peft_model_state_dict.__wrapped__ = original
+    return set_peft_model_state_dict
+
+
 def _wrap_save_pretrained(original):
     def save_pretrained(self, save_directory, *args, **kwargs):
         token = _SAVING_MODEL.set((self, save_directory))
@@ -93,5 +110,7 @@ def register() -> None:
     register_peft_method(name=METHOD_NAME, config_cls=SparseDiffConfig, model_cls=SparseDiffModel, prefix=PREFIX)
     peft.peft_model.safe_save_file = _atomic_peft_save_file
     peft.utils.save_and_load.safe_load_file = _checked_peft_load_file
+    if not hasattr(peft.peft_model.set_peft_model_state_dict, "__wrapped__"):
+        peft.peft_model.set_peft_model_state_dict = _wrap_set_state_dict(peft.peft_model.set_peft_model_state_dict)
     if not hasattr(peft.peft_model.PeftModel.save_pretrained, "__wrapped__"):
         peft.peft_model.PeftModel.save_pretrained = _wrap_save_pretrained(peft.peft_model.PeftModel.save_pretrained)
