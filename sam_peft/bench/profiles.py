@@ -45,7 +45,7 @@ PROFILES = {
     ),
     "quick": Profile(
         name="quick", tasks=("rte", "mrpc", "cb", "copa", "stsb"), methods=QUICK_METHODS, seeds=(0, 1, 2),
-        settings={"max_steps": 150, "burn_in_steps": 50, "batch_size": 16, "max_length": 64, "eval_steps": 50,
+        settings={"max_steps": 100, "burn_in_steps": 30, "batch_size": 16, "max_length": 64, "eval_steps": 25,
                   "patience": 2},
         lrs=DEFAULT_LRS,
     ),
@@ -57,7 +57,7 @@ PROFILES = {
     "sweep": Profile(
         name="sweep", tasks=("rte", "mrpc", "cb", "copa", "stsb"), methods=("sam",), seeds=(0, 1, 2),
         sparsities=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2),
-        settings={"max_steps": 150, "burn_in_steps": 50, "batch_size": 16, "max_length": 64, "eval_steps": 50,
+        settings={"max_steps": 100, "burn_in_steps": 30, "batch_size": 16, "max_length": 64, "eval_steps": 25,
                   "patience": 2},
         lrs=DEFAULT_LRS,
     ),
