@@ -76,10 +76,12 @@ def _tensor_digest(key: str, tensor: torch.Tensor) -> str:
 
 
 def checksums(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
-    """SHA-256 digests (16 hex digits) of every tensor (name, dtype, shape, bytes) and of the metadata."""
+    """SHA-256 digests (16 hex digits) of every tensor (name, dtype, shape, bytes), in sorted-name order, of the
+    list of names, and of the metadata."""
     meta = {k: v for k, v in metadata.items() if k != CHECKSUM_KEY}
     return json.dumps({
-        "tensors": {key: _tensor_digest(key, tensors[key]) for key in sorted(tensors)},
+        "names": _digest(json.dumps(sorted(tensors)).encode()),
+        "tensors": [_tensor_digest(key, tensors[key]) for key in sorted(tensors)],
         "metadata": _digest(json.dumps(meta, sort_keys=True).encode()),
     }, separators=(",", ":"))
 
@@ -101,15 +103,16 @@ def verify_checksums(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
         return
     try:
         expected = json.loads(recorded)
-        expected_tensors, expected_meta = dict(expected["tensors"]), expected["metadata"]
+        expected_names, expected_meta = expected["names"], expected["metadata"]
+        expected_tensors = list(expected["tensors"])
     except (ValueError, KeyError, TypeError) as exc:
         raise DeltaFileError(f"{path} has unreadable checksums in its metadata; the file is corrupted.") from exc
-    if set(expected_tensors) != set(tensors):
-        changed = sorted(set(expected_tensors) ^ set(tensors))[:5]
-        raise DeltaFileError(f"{path} holds other tensors than it was written with ({changed}); the file is "
-                             "corrupted or was edited. Save the adapter again.")
-    for key in sorted(tensors):
-        if _tensor_digest(key, tensors[key]) != expected_tensors[key]:
+    names = sorted(tensors)
+    if _digest(json.dumps(names).encode()) != expected_names or len(expected_tensors) != len(names):
+        raise DeltaFileError(f"{path} holds other tensors than it was written with; the file is corrupted or was "
+                             "edited. Save the adapter again.")
+    for key, digest in zip(names, expected_tensors):
+        if _tensor_digest(key, tensors[key]) != digest:
             raise DeltaFileError(f"the bytes of '{key}' in {path} do not match the checksum written with the "
                                  "file; it is corrupted. Re-copy it or save the adapter again.")
     meta = {k: v for k, v in metadata.items() if k != CHECKSUM_KEY}

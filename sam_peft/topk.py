@@ -85,5 +85,23 @@ def topk_global(named: list[tuple[str, torch.Tensor]], k: int) -> dict[str, torc
 
 
 def topk_per_tensor(named: list[tuple[str, torch.Tensor]], counts: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Exact top-`counts[name]` of each tensor on its own: {name: sorted int64 flat indices}."""
-    return {name: topk_global([(name, scores)], counts[name])[name] for name, scores in named}
+    """Exact top-`counts[name]` of each tensor on its own: {name: sorted int64 flat indices}.
+
+    Each tensor's k-th largest score comes from `torch.topk`; entries above it are kept, then the ties at
+    it in index order.
+    """
+    named = list(named)
+    _check_finite(named)
+    out = {}
+    for name, scores in named:
+        flat = scores.detach().reshape(-1)
+        k = min(max(counts[name], 0), flat.numel())
+        if k == 0 or k == flat.numel():
+            out[name] = torch.arange(k, device=flat.device)
+            continue
+        flat = flat.to(torch.float32) + 0.0  # one key for -0.0 and 0.0
+        threshold = torch.topk(flat, k, sorted=False).values.min()
+        above = (flat > threshold).nonzero().squeeze(1)
+        ties = (flat == threshold).nonzero().squeeze(1)[: k - above.numel()]
+        out[name] = torch.cat([above, ties]).sort().values
+    return out
