@@ -13,11 +13,12 @@ from torch import nn
 from .config import FORMAT_VERSION
 from .errors import BaseModelMismatchError, DeltaFileError
 from .fingerprint import architecture_of, weights_fingerprint
-from .io import CHECKSUM_KEY, load_safetensors_checked, save_safetensors_atomic
+from .io import load_safetensors_checked, save_safetensors_atomic
 from .model import ALLOW_MISMATCH_ENV, check_entries
 from .selection import resolve_adapter, targets, tuner_of
 
 DELTA_FILE_KIND = "sam-peft-sparse-delta"
+METADATA_KEYS = ("base_architecture", "base_fingerprint", "selection", "allocation", "sparsity", "sam_peft_format")
 
 
 @dataclass
@@ -211,7 +212,7 @@ class SparseDelta:
         for name, tensor in dense.items():
             if not tensor.dtype.is_floating_point or not torch.isfinite(tensor).all():
                 raise DeltaFileError(f"dense tensor '{name}' in {path} is not a finite float tensor.")
-        keep = {k: v for k, v in metadata.items() if k not in ("shapes", "kind", CHECKSUM_KEY)}
+        keep = {k: v for k, v in metadata.items() if k in METADATA_KEYS}
         return cls(entries, shapes, dense, keep)
 
 

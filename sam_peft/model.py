@@ -222,6 +222,11 @@ def check_base_identity(tuner, config: SparseDiffConfig, adapter_name: str) -> N
         )
         if os.environ.get(ALLOW_MISMATCH_ENV) != "1":
             raise BaseModelMismatchError(message)
+        if not config.base_shapes_digest:
+            raise BaseModelMismatchError(
+                f"adapter '{adapter_name}' records no digest of its base's parameter shapes, so they cannot be "
+                f"checked; {ALLOW_MISMATCH_ENV} is not honoured without it. Re-save the adapter with this sam-peft."
+            )
         logger.warning(message)
 
 

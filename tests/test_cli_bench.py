@@ -19,14 +19,6 @@ from sam_peft.cli import main  # noqa: E402
 WORDS = "the cat dog sat ran on a mat park big small red blue house car tree".split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _sentence(rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))) + " ."
 

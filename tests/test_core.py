@@ -43,15 +43,6 @@ VOCAB, HIDDEN, SEQ, BATCH = 100, 32, 8, 2
 PREFIX = "base_model.model."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on 2 shared cores: intra-op threads only add contention (64k-bin top-k histograms)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # --------------------------------------------------------------------------- model factories
 
 

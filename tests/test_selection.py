@@ -125,15 +125,6 @@ def value_params(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if ".sparsediff_values." in n}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tests run beside other work on two cores: one intra-op thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def base():
     return tiny_bert()
@@ -177,8 +168,6 @@ def test_per_example_fisher_matches_reference(base, batches):
     # per-example squares differ from batch squares: the masks are not the same
     batch_level = reference_selection(reference_scores(base, batches[:2], "fisher"), "per_tensor")
     assert any(not torch.equal(batch_level[n], sam_peft.selected_indices(model)[n]) for n in batch_level)
-
-
 
 
 @pytest.mark.parametrize(
@@ -286,8 +275,6 @@ def test_flags_restored_when_burn_in_raises(base, batches):
                         reference_selection(reference_scores(base, batches, "sam"), "per_tensor"))
 
 
-
-
 def test_missing_labels_is_selection_error(base, batches):
     model = peft_model(base)
     no_labels = [{k: v for k, v in batches[0].items() if k != "labels"}]
@@ -326,8 +313,6 @@ def test_num_steps(base, batches, caplog):
                         reference_selection(reference_scores(base, batches[:2], "sam"), "per_tensor"))
     with pytest.raises(ValueError):
         sam_peft.select_parameters(peft_model(base), batches, num_steps=0, progress=False)
-
-
 
 
 def test_num_steps_larger_than_unsized_iterator_warns(base, batches, caplog):
