@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--burn-in-steps", type=int, help="burn-in batches (default: the paper's, capped at one epoch)")
     train.add_argument("--epochs", type=float, default=3.0)
     train.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
-    train.add_argument("--lr", type=float, help="learning rate (default 1e-4 sparse, 2e-5 full, 5e-4 lora)")
+    train.add_argument("--lr", type=float, help="learning rate (default 1e-3; 5e-5 for full)")
     train.add_argument("--batch-size", type=int, default=16)
     train.add_argument("--max-length", type=int, default=128)
     train.add_argument("--seed", type=int, default=0)
