@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from .model import ALLOW_MISMATCH_ENV, check_entries
 from .selection import resolve_adapter, targets, tuner_of
 
 DELTA_FILE_KIND = "sam-peft-sparse-delta"
+# model -> {parameter names: (fingerprint, their versions)} for states whose fingerprint was computed; a later
+# check at the same versions (nothing written since, or a SparseDelta restored it exactly) needs no re-hash.
+_VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 METADATA_KEYS = ("base_architecture", "base_fingerprint", "selection", "allocation", "sparsity", "sam_peft_format")
 
 
@@ -85,7 +89,14 @@ class SparseDelta:
                                              f"{list(tensor.shape)} in the delta.")
         expected = self.metadata.get("base_fingerprint")
         if verify_fingerprint and expected:
-            actual = weights_fingerprint({n: params[n] for n in self.entries})
+            names = tuple(self.entries)
+            versions = tuple(params[n]._version for n in names)
+            known = _VERIFIED.setdefault(model, {}).get(names)
+            if known is not None and known[1] == versions:
+                actual = known[0]
+            else:
+                actual = weights_fingerprint({n: params[n] for n in names})
+                _VERIFIED[model][names] = (actual, versions)
             if actual != expected:
                 import os
 
@@ -111,20 +122,24 @@ class SparseDelta:
             for name, tensor in self.dense.items():
                 backup[name] = params[name].data.clone()
                 params[name].data.copy_(tensor.to(params[name].device, params[name].dtype))
-        self._backups[id(model)] = backup
+        self._backups[id(model)] = (backup, _VERIFIED.get(model, {}).get(tuple(self.entries)))
         return model
 
     def remove_from(self, model: nn.Module) -> nn.Module:
         """Restore the entries `apply_to` changed (bit-exact)."""
-        backup = self._backups.pop(id(model), None)
-        if backup is None:
+        saved = self._backups.pop(id(model), None)
+        if saved is None:
             raise ValueError("this delta is not applied to this model; nothing to remove.")
+        backup, verified = saved
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name, (indices, _) in self.entries.items():
                 params[name].data.view(-1).index_copy_(0, indices.to(params[name].device), backup[name])
             for name in self.dense:
                 params[name].data.copy_(backup[name])
+        if verified is not None:  # restored bit-exactly: the state verified before apply_to, at new versions
+            names = tuple(self.entries)
+            _VERIFIED.setdefault(model, {})[names] = (verified[0], tuple(params[n]._version for n in names))
         return model
 
     # ------------------------------------------------------------ arithmetic
