@@ -77,6 +77,9 @@ def select_parameters(
         config.selection = selection
     if any(getattr(m, "merged", False) for m in tuner.model.modules() if hasattr(m, "sparsediff_values")):
         raise SelectionError("an adapter is merged into the base weights; unmerge_adapter() before selecting.")
+    if config.inference_mode:
+        raise SelectionError(f"adapter '{adapter_name}' is in inference mode (its values are frozen, e.g. loaded "
+                             "without is_trainable=True); load it with is_trainable=True to select and train it.")
     found = targets(tuner, adapter_name)
     _check_targets(found)
     start = time.perf_counter()
@@ -113,6 +116,9 @@ def _check_targets(found: list[Target]) -> None:
         raise SelectionError("the adapter targets no parameter; check target_modules / exclude_modules.")
     if all(t.param.device.type == "meta" for t in found):
         raise SelectionError("all targeted parameters are on the meta device; load real weights before selecting.")
+    if not any(t.param.dtype.is_floating_point for t in found):
+        raise SelectionError("no targeted parameter is a float tensor (a quantized model?); gradients cannot be "
+                             "taken: select on a float16/bfloat16/float32 model.")
 
 
 @contextlib.contextmanager

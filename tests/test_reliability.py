@@ -1427,3 +1427,12 @@ def test_safe_merge_refuses_overflow_and_leaves_the_base_unchanged(dtype, huge, 
     assert "unchanged" in str(info.value)
     assert_same(base_weights(model), before)
     assert not any(getattr(m, "merged", False) for m in model.modules())
+
+
+def test_selecting_an_inference_mode_adapter_is_refused(tmp_path):
+    model = get_peft_model(make_bert(), sam_peft.SAMConfig(sparsity=SPARSITY))
+    sam_peft.select_parameters(model, make_batches(1), dropout=False, progress=False)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_bert(), tmp_path)  # is_trainable=False: values frozen
+    with pytest.raises(sam_peft.SelectionError, match="inference mode"):
+        sam_peft.select_parameters(loaded, make_batches(1), progress=False)
