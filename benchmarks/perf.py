@@ -84,6 +84,23 @@ def _state_bytes(model, optimizer) -> int:
     return total
 
 
+def _adapter_dir(model_name: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"sam-peft-perf-{model_name}-adapter"
+
+
+def select_worker(model_name: str, sparsity: float) -> dict:
+    """SAM burn-in on the benchmark batch, saved, so the training processes load real SAM indices without
+    running a burn-in themselves (their peak memory is then the training peak alone)."""
+    import sam_peft
+
+    model = _build(model_name)
+    batch = _batch(model_name, model.config.vocab_size)
+    model = _wrap(model, "sam", sparsity)
+    report = sam_peft.select_parameters(model, [batch], progress=False)
+    model.save_pretrained(_adapter_dir(model_name))
+    return {"selected": report.selected}
+
+
 def worker(method: str, model_name: str, steps: int, sparsity: float) -> dict:
     import sam_peft
 
@@ -92,7 +109,12 @@ def worker(method: str, model_name: str, steps: int, sparsity: float) -> dict:
     model = _build(model_name)
     load_seconds = time.perf_counter() - load_start
     batch = _batch(model_name, model.config.vocab_size)
-    model = _wrap(model, method, sparsity)
+    if method == "sam":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, _adapter_dir(model_name), is_trainable=True)
+    else:
+        model = _wrap(model, method, sparsity)
     result = {"method": method, "model": model_name}
     if method == "burnin":
         times = []
@@ -102,8 +124,6 @@ def worker(method: str, model_name: str, steps: int, sparsity: float) -> dict:
         result["step_seconds"] = times[1:]
         result["selection_seconds"] = report.seconds - report.burn_in_seconds
     else:
-        if method == "sam":
-            sam_peft.select_parameters(model, [batch], num_steps=1, progress=False)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01) if method != "full_noopt" else None
@@ -197,6 +217,8 @@ def main() -> None:
     if args.worker:
         if args.worker[0] == "topk":
             print(json.dumps(topk_worker(int(args.worker[1]))))
+        elif args.worker[0] == "select":
+            print(json.dumps(select_worker(args.worker[1], float(args.worker[2]))))
         else:
             method, model_name, steps, sparsity = args.worker
             print(json.dumps(worker(method, model_name, int(steps), float(sparsity))))
@@ -212,6 +234,8 @@ def main() -> None:
     models = ["minilm"] if args.quick else ["minilm", "large"]
     sizes = [10_000_000, 30_000_000, 100_000_000] if args.quick else [10_000_000, 100_000_000, 1_000_000_000]
     runs: dict = {m: {meth: [] for meth in (*METHODS, "full_noopt", "burnin")} for m in models}
+    for model_name in models:
+        _run(["--worker", "select", model_name, "0.005"])
     for rep in range(reps):
         for model_name in models:
             for method in (*METHODS, "full_noopt", "burnin"):
