@@ -16,6 +16,7 @@ from .errors import (
     SelectionError,
 )
 from .model import SparseDiffModel
+from .packing import pack_parameters
 from .registration import PEFT_TYPE, register
 from .report import SelectionReport
 from .selection import selected_indices
@@ -38,6 +39,7 @@ __all__ = [
     "SparseDiffConfig",
     "SparseDelta",
     "SparseDiffModel",
+    "pack_parameters",
     "select_parameters",
     "selected_indices",
 ]

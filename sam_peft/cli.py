@@ -82,6 +82,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .adapter_files import delta_from_adapter_dir
     from .evaluation import evaluate_model
+    from .packing import pack_parameters
     from .tasks import load_task, resolve_task
     from .training import default_model_path, load_base_model
 
@@ -95,6 +96,7 @@ def _eval(args: argparse.Namespace) -> int:
         key = (task.is_multiple_choice, task.num_labels, task.is_regression)
         if key not in bases:  # one base per head shape; deltas are switched in place on it
             bases[key] = load_base_model(model_path, task).eval()
+            pack_parameters(bases[key])
         base = bases[key]
         delta = delta_from_adapter_dir(adapter_dir)
         split = load_task(task, data_dir=args.data_dir, limit=args.limit)["test"]

@@ -16,12 +16,14 @@ from .errors import BaseModelMismatchError, DeltaFileError
 from .fingerprint import architecture_of, weights_fingerprint
 from .io import load_safetensors_checked, save_safetensors_atomic
 from .model import ALLOW_MISMATCH_ENV, check_entries
+from .packing import flat_view
 from .selection import resolve_adapter, targets, tuner_of
 
 DELTA_FILE_KIND = "sam-peft-sparse-delta"
 # model -> {parameter names: (fingerprint, their versions)} for states whose fingerprint was computed; a later
 # check at the same versions (nothing written since, or a SparseDelta restored it exactly) needs no re-hash.
 _VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FLAT = "\0flat"  # backup key of the packed (single gather/scatter) path
 METADATA_KEYS = ("base_architecture", "base_fingerprint", "selection", "allocation", "sparsity", "sam_peft_format")
 
 
@@ -38,7 +40,9 @@ class SparseDelta:
     shapes: dict[str, list[int]]
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
-    _backups: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
+    _backups: dict[int, tuple] = field(default_factory=dict, repr=False, compare=False)
+    _plan: tuple | None = field(default=None, repr=False, compare=False)
+    _checked: dict[int, tuple] = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------ creation
     @classmethod
@@ -70,6 +74,13 @@ class SparseDelta:
 
     # ------------------------------------------------------------ applying
     def _check_base(self, model: nn.Module, params: dict[str, torch.Tensor], verify_fingerprint: bool) -> None:
+        shapes = tuple(tuple(params[n].shape) for n in self.entries if n in params)
+        if self._checked.get(id(model)) != shapes:
+            self._check_structure(params)
+            self._checked[id(model)] = shapes
+        self._check_fingerprint(model, params, verify_fingerprint)
+
+    def _check_structure(self, params: dict[str, torch.Tensor]) -> None:
         missing = [n for n in list(self.entries) + list(self.dense) if n not in params]
         if missing:
             raise BaseModelMismatchError(f"the model has no parameter(s) {missing[:5]}; this delta belongs to "
@@ -87,8 +98,9 @@ class SparseDelta:
             if params[name].shape != tensor.shape:
                 raise BaseModelMismatchError(f"'{name}' has shape {list(params[name].shape)} in the model but "
                                              f"{list(tensor.shape)} in the delta.")
+    def _check_fingerprint(self, model: nn.Module, params: dict[str, torch.Tensor], verify: bool) -> None:
         expected = self.metadata.get("base_fingerprint")
-        if verify_fingerprint and expected:
+        if verify and expected:
             names = tuple(self.entries)
             versions = tuple(params[n]._version for n in names)
             known = _VERIFIED.setdefault(model, {}).get(names)
@@ -106,15 +118,42 @@ class SparseDelta:
                 if os.environ.get(ALLOW_MISMATCH_ENV) != "1":
                     raise BaseModelMismatchError(message)
 
+    def _flat_plan(self, params: dict[str, torch.Tensor]):
+        """(flat storage view, global indices, values) when the targets are packed (see `pack_parameters`)."""
+        names = list(self.entries)
+        layout = flat_view([params[n].data for n in names])
+        if layout is None:
+            return None
+        flat, offsets = layout
+        key = (flat.data_ptr(), tuple(offsets))
+        if self._plan is None or self._plan[0] != key:
+            indices = torch.cat([self.entries[n][0].to(flat.device) + off for n, off in zip(names, offsets)])
+            values = torch.cat([self.entries[n][1] for n in names]).to(flat.device, flat.dtype)
+            self._plan = (key, indices, values)
+        return flat, self._plan[1], self._plan[2]
+
+    def _touch(self, params: dict[str, torch.Tensor]) -> None:
+        for name in self.entries:  # writes through a flat view do not bump the parameters' version counters
+            torch.autograd.graph.increment_version(params[name])
+
     def apply_to(self, model: nn.Module, *, verify_fingerprint: bool = True) -> nn.Module:
-        """Add the delta to `model`'s parameters in place (O(k)); `remove_from` undoes it exactly."""
+        """Add the delta to `model`'s parameters in place (O(k)); `remove_from` undoes it exactly.
+
+        On a model packed with `sam_peft.pack_parameters`, all entries move with one gather and one scatter.
+        """
         if id(model) in self._backups:
             raise ValueError("this delta is already applied to this model; remove_from(model) first.")
         params = dict(model.named_parameters())
         self._check_base(model, params, verify_fingerprint)
         backup = {}
+        plan = self._flat_plan(params)
         with torch.no_grad():
-            for name, (indices, values) in self.entries.items():
+            if plan is not None:
+                flat, indices, values = plan
+                backup[_FLAT] = flat.index_select(0, indices)
+                flat.index_copy_(0, indices, backup[_FLAT] + values)
+                self._touch(params)
+            for name, (indices, values) in ([] if plan is not None else self.entries.items()):
                 flat = params[name].data.view(-1)
                 idx = indices.to(flat.device)
                 backup[name] = flat.index_select(0, idx)
@@ -133,7 +172,11 @@ class SparseDelta:
         backup, verified = saved
         params = dict(model.named_parameters())
         with torch.no_grad():
-            for name, (indices, _) in self.entries.items():
+            if _FLAT in backup:
+                flat, indices, _ = self._flat_plan(params)
+                flat.index_copy_(0, indices, backup[_FLAT])
+                self._touch(params)
+            for name, (indices, _) in ([] if _FLAT in backup else self.entries.items()):
                 params[name].data.view(-1).index_copy_(0, indices.to(params[name].device), backup[name])
             for name in self.dense:
                 params[name].data.copy_(backup[name])

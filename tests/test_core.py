@@ -978,3 +978,22 @@ def test_unmerge_restores_fp32_base_bit_exactly():
     pm.merge_adapter()
     pm.unmerge_adapter()
     assert_same_params({n: p.detach() for n, p in base_params(pm).items()}, before)
+
+
+def test_packed_model_switches_deltas_exactly():
+    pm, base = make_peft(BERT)
+    randomize(pm)
+    delta = sam_peft.SparseDelta.from_peft(pm)
+    other = delta.scale(0.5)
+    plain = copy.deepcopy(base).eval()
+    before = {n: p.detach().clone() for n, p in plain.named_parameters()}
+    assert sam_peft.pack_parameters(plain) == len(before)
+    inputs = {"input_ids": torch.randint(3, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))}
+    expected = logits(pm, inputs)
+    for _ in range(2):
+        delta.apply_to(plain)
+        torch.testing.assert_close(plain(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+        delta.remove_from(plain)
+        other.apply_to(plain)
+        other.remove_from(plain)
+    assert_same_params({n: p.detach() for n, p in plain.named_parameters()}, before)
