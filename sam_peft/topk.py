@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-CHUNK = 1 << 18  # entries per pass chunk: bounds the temporary memory (a few MB) whatever the tensor size
+CHUNK = 1 << 16  # entries per chunk: bounds the temporary memory (about 2 MB) whatever the tensor size
 _BINS = 1 << 16
 
 
@@ -30,7 +30,8 @@ def _chunks(tensor: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
 
 def _check_finite(named: Iterable[tuple[str, torch.Tensor]]) -> None:
     for name, scores in named:
-        if not torch.isfinite(scores).all():
+        flat = scores.detach().reshape(-1)
+        if not all(bool(torch.isfinite(flat[i : i + CHUNK]).all()) for i in range(0, flat.numel(), CHUNK)):
             raise ValueError(f"scores of '{name}' contain NaN or infinite values; selection needs finite scores.")
 
 
