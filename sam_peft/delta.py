@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from torch import nn
 
 from .config import FORMAT_VERSION
 from .errors import BaseModelMismatchError, DeltaFileError
-from .fingerprint import architecture_of, weights_fingerprint
+from .fingerprint import weights_fingerprint
 from .io import load_safetensors_checked, save_safetensors_atomic
 from .model import ALLOW_MISMATCH_ENV, check_entries
 from .packing import flat_view
@@ -110,8 +111,6 @@ class SparseDelta:
                 actual = weights_fingerprint({n: params[n] for n in names})
                 _VERIFIED[model][names] = (actual, versions)
             if actual != expected:
-                import os
-
                 message = (f"the model's weights (fingerprint {actual}) are not the base this delta was recorded "
                            f"on ({expected}); pass verify_fingerprint=False or set {ALLOW_MISMATCH_ENV}=1 to "
                            "apply it anyway.")
@@ -273,8 +272,3 @@ class SparseDelta:
         keep = {k: v for k, v in metadata.items() if k in METADATA_KEYS}
         return cls(entries, shapes, dense, keep)
 
-
-def architecture_matches(delta: SparseDelta, model: nn.Module) -> bool:
-    """Whether the delta was recorded on a model of this class."""
-    recorded = delta.metadata.get("base_architecture")
-    return not recorded or recorded == architecture_of(model)

@@ -80,7 +80,7 @@ class SparseDeltaMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, values, indices, structure, transposed):
         composed = compose_scratch(weight, indices, values)
-        out = _matmul(x, composed, bias, transposed)
+        out = matmul(x, composed, bias, transposed)
         ctx.save_for_backward(x, weight, values, indices)
         ctx.structure = structure
         ctx.transposed = transposed
@@ -103,7 +103,8 @@ class SparseDeltaMatmul(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_values, None, None, None
 
 
-def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """x Wᵀ + b for an nn.Linear weight (out × in), or x W + b for a Conv1D weight (in × out)."""
     if not transposed:
         return F.linear(x, weight, bias)
     out = x @ weight
@@ -123,7 +124,7 @@ def sparse_delta_matmul(
     if torch.is_grad_enabled() and (values.requires_grad or x.requires_grad or
                                     (bias is not None and bias.requires_grad)):
         return SparseDeltaMatmul.apply(x, weight, bias, values, indices, structure, transposed)
-    return _matmul(x, compose_scratch(weight, indices, values), bias, transposed)
+    return matmul(x, compose_scratch(weight, indices, values), bias, transposed)
 
 
 def sparse_delta_embedding(

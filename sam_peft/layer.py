@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
 
-from .functional import BlockStructure, compose, sparse_delta_embedding, sparse_delta_matmul
+from .functional import BlockStructure, compose, matmul, sparse_delta_embedding, sparse_delta_matmul
 
 VALUES_DTYPE = torch.float32
 
@@ -215,7 +215,7 @@ class SparseDiffLinear(SparseDiffLayer):
         bias = None if base.bias is None else self._composed(adapters, "bias", base.bias)
         delta = self._delta(adapters, "weight")
         if delta is None:
-            return _matmul_plain(x, base.weight, bias, self.transposed)
+            return matmul(x, base.weight, bias, self.transposed)
         indices, values = delta
         structure = self._structure(adapters, "weight", indices, base.weight.shape)
         return sparse_delta_matmul(x, base.weight, bias, values, indices, structure, self.transposed)
@@ -240,13 +240,6 @@ class SparseDiffEmbedding(SparseDiffLayer):
         if delta is None:
             return torch.nn.functional.embedding(input_ids, base.weight, **options)
         return sparse_delta_embedding(input_ids, base.weight, delta[1], delta[0], **options)
-
-
-def _matmul_plain(x, weight, bias, transposed):
-    if not transposed:
-        return torch.nn.functional.linear(x, weight, bias)
-    out = x @ weight
-    return out if bias is None else out + bias
 
 
 def layer_class_for(module: nn.Module) -> type[SparseDiffLayer]:

@@ -168,7 +168,7 @@ def candidate_modules(model: nn.Module) -> tuple[set[str], set[int]]:
 
 
 # --------------------------------------------------------------------------- identity
-def _target_parameters(tuner, adapter_name: str) -> dict[str, torch.Tensor]:
+def target_parameters(tuner, adapter_name: str) -> dict[str, torch.Tensor]:
     found = {}
     for module in tuner.model.modules():
         if isinstance(module, SparseDiffLayer) and adapter_name in module.sparsediff_values:
@@ -180,7 +180,7 @@ def _target_parameters(tuner, adapter_name: str) -> dict[str, torch.Tensor]:
 def base_identity(tuner, adapter_name: str) -> dict[str, str | None]:
     """Architecture, fingerprint of the adapter's targeted base weights (None on the meta device), and a
     digest of their names and shapes."""
-    params = _target_parameters(tuner, adapter_name)
+    params = target_parameters(tuner, adapter_name)
     on_meta = any(p.device.type == "meta" for p in params.values())
     return {
         "base_architecture": architecture_of(tuner.model),

@@ -243,13 +243,13 @@ def _plots(out_dir: Path, model: nn.Module, trainer, settings: TrainSettings) ->
 
     plot_training_curve(trainer.state.log_history, out_dir / "training_curve.png", title=settings.task)
     if settings.method in SELECTIONS:
-        from .model import _target_parameters
+        from .model import target_parameters
         from .selection import tuner_of
 
         tuner = tuner_of(model)
         adapter = tuner.active_adapters[0]
         counts = tuner.peft_config[adapter].counts or {}
-        numels = {name: p.numel() for name, p in _target_parameters(tuner, adapter).items()}
+        numels = {name: p.numel() for name, p in target_parameters(tuner, adapter).items()}
         plot_selection_heatmap(counts, numels, out_dir / "selection_heatmap.png",
                                title=f"{settings.task}: {settings.method}, p={settings.sparsity}")
 
