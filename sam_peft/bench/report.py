@@ -25,9 +25,10 @@ def _by(records, *keys):
 def table1(records: list[dict]) -> tuple[str, dict]:
     """Markdown table of mean ± std (over seeds) per task, the average over tasks, and ranks."""
     records = [r for r in records if r.get("sparsity") in (None, 0.005)]
-    tasks = [t for t in TASK_ORDER if any(r["task"] == t for r in records)]
     methods = sorted({r["method"] for r in records})
     cells = _by(records, "method", "task")
+    # a partial results file: report the tasks every method has finished
+    tasks = [t for t in TASK_ORDER if all(cells.get((m, t)) for m in methods)]
     summary = {}
     for method in methods:
         per_task = {t: [r["metric"] for r in cells.get((method, t), [])] for t in tasks}
@@ -49,6 +50,8 @@ def table1(records: list[dict]) -> tuple[str, dict]:
     for rank, method in enumerate(order, 1):
         summary[method]["rank"] = rank
         summary[method]["stability_rank"] = std_order.index(method) + 1
+    if not tasks:
+        return "No task has results for every method yet.", {}
     header = "| method | " + " | ".join(tasks) + " | mean | std (seeds) | rank |"
     lines = [header, "|" + "---|" * (len(tasks) + 4)]
     for method in order:
