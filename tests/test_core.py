@@ -338,7 +338,7 @@ def test_merge_unmerge(case):
 
 
 @matrix
-def test_merge_and_unload(case, request):
+def test_merge_and_unload(case):
     pm, base = make_peft(case)
     randomize(pm)
     inputs = make_inputs(case)
@@ -351,7 +351,7 @@ def test_merge_and_unload(case, request):
 
 
 @matrix
-def test_unload(case, request):
+def test_unload(case):
     pm, base = make_peft(case)
     randomize(pm)
     inputs = make_inputs(case)
