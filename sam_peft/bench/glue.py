@@ -89,6 +89,19 @@ def _one_run(run: dict, profile: Profile, model: str | None, data_dir: str | Non
     }
 
 
+def check_consistent(records: list[dict], profile: Profile, path: Path) -> None:
+    """Refuse to mix runs made with other settings (or learning rates) into one results file."""
+    for record in records:
+        lr = profile.lrs.get(record["method"])
+        if record.get("settings") != dict(profile.settings) or (lr is not None and record.get("lr") != lr):
+            raise ValueError(
+                f"{path} holds a run ({record['task']}, {record['method']}, seed {record['seed']}) made with other "
+                f"settings (settings={record.get('settings')}, lr={record.get('lr')}) than profile "
+                f"{profile.name!r} now uses ({dict(profile.settings)}); continue it with the settings it was made "
+                "with, or write to a new file with --name."
+            )
+
+
 def run_profile(profile_name: str, *, name: str | None = None, results_dir: str = "benchmarks/results",
                 model: str | None = None, data_dir: str | None = None, jobs: int = 1,
                 tasks: list[str] | None = None, methods: list[str] | None = None, max_runs: int | None = None,
@@ -99,7 +112,9 @@ def run_profile(profile_name: str, *, name: str | None = None, results_dir: str 
     if jobs < 1 or jobs > cores:
         raise ValueError(f"--jobs {jobs} would oversubscribe this machine's {cores} cores; use 1..{cores}.")
     path = Path(results_dir) / f"{name or profile_name}.jsonl"
-    done = {run_key(r) for r in read_records(path)}
+    records = read_records(path)
+    check_consistent(records, profile, path)
+    done = {run_key(r) for r in records}
     todo = [r for r in profile.runs() if run_key(r) not in done
             and (not tasks or r["task"] in tasks) and (not methods or r["method"] in methods)]
     if max_runs is not None:

@@ -46,7 +46,7 @@ PROFILES = {
     ),
     "quick": Profile(
         name="quick", tasks=("rte", "mrpc", "cb", "copa", "stsb"), methods=QUICK_METHODS, seeds=(0, 1, 2),
-        settings={"max_steps": 100, "burn_in_steps": 30, "batch_size": 16, "max_length": 64, "eval_steps": 25,
+        settings={"max_steps": 150, "burn_in_steps": 50, "batch_size": 16, "max_length": 128, "eval_steps": 50,
                   "patience": 2},
         lrs=DEFAULT_LRS,
     ),
