@@ -3,6 +3,7 @@
 `import sam_peft` registers the method with peft; then `peft.get_peft_model(model, sam_peft.SAMConfig())`.
 """
 
+from .bottleneck import BottleneckConfig, BottleneckModel
 from .burnin import select_parameters
 from .callbacks import SAMCallback
 from .config import SAMConfig, SparseDiffConfig
@@ -28,6 +29,8 @@ __version__ = "0.1.0"
 __all__ = [
     "PEFT_TYPE",
     "BaseModelMismatchError",
+    "BottleneckConfig",
+    "BottleneckModel",
     "ConfigError",
     "DeltaFileError",
     "NotSelectedError",

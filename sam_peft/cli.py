@@ -8,7 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
+from .bench.profiles import PROFILES
 from .errors import SamPeftError
+from .methods import METHODS
 
 logger = logging.getLogger("sam_peft")
 
@@ -21,7 +23,7 @@ def _train(args: argparse.Namespace) -> int:
         sparsity=args.sparsity, allocation=args.allocation, burn_in_steps=args.burn_in_steps, epochs=args.epochs,
         max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
         seed=args.seed, patience=args.patience, eval_steps=args.eval_steps, limit=args.limit,
-        progress=not args.no_progress,
+        reproject_every=args.reproject_every, progress=not args.no_progress,
     )
     metrics = run_training(settings)
     _print_table([
@@ -137,7 +139,7 @@ def _bench_glue(args: argparse.Namespace) -> int:
 
     path = run_profile(args.profile, name=args.name, results_dir=args.results_dir, model=args.model,
                        data_dir=args.data_dir, jobs=args.jobs, tasks=args.tasks, methods=args.methods,
-                       max_runs=args.max_runs, command="sam-peft " + " ".join(sys.argv[1:]))
+                       max_runs=args.max_runs, lrs_from=args.lrs_from, command="sam-peft " + " ".join(sys.argv[1:]))
     print(f"results in {path}")
     return 0
 
@@ -160,20 +162,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", required=True, help="output directory")
     train.add_argument("--model", help="local path or hub id (default: the packaged all-MiniLM-L6-v2)")
     train.add_argument("--data-dir", help="directory of the official task files (default: the Hugging Face hub)")
-    train.add_argument("--method", default="sam",
-                       choices=["sam", "fisher", "sam_hessian", "magnitude", "random", "bitfit", "full", "lora"])
+    train.add_argument("--method", default="sam", choices=list(METHODS),
+                       help="sparse deltas: sam, fisher, sam_hessian, magnitude, random, bitfit; peft: lora, adapter; "
+                            "dense: full, mixout, childpruning, diffpruning, dps (see docs/baselines.md)")
     train.add_argument("--sparsity", type=float, default=0.005, help="fraction of parameters tuned (0.005 = 0.5 %%)")
     train.add_argument("--allocation", default="per_tensor", choices=["per_tensor", "global"])
     train.add_argument("--burn-in-steps", type=int, help="burn-in batches (default: the paper's, capped at one epoch)")
     train.add_argument("--epochs", type=float, default=3.0)
     train.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
-    train.add_argument("--lr", type=float, help="learning rate (default 1e-3; 5e-5 for full)")
+    train.add_argument("--lr", type=float, help="learning rate (default: 1e-3 parameter-efficient, 5e-5 dense)")
     train.add_argument("--batch-size", type=int, default=16)
     train.add_argument("--max-length", type=int, default=128)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--patience", type=int, default=3, help="early-stopping patience in evaluations")
     train.add_argument("--eval-steps", type=int, help="evaluate on the held-out 10 %% every N steps")
     train.add_argument("--limit", type=int, help="use only the first N rows of each split (quick checks)")
+    train.add_argument("--reproject-every", type=int,
+                       help="diffpruning: keep the relaxed phase and re-project the diff every N steps (Fig. 3)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=_train)
 
@@ -203,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="reproduction harness").add_subparsers(dest="bench", required=True)
     glue = bench.add_parser("glue", help="run (or resume) a profile: smoke, quick, paper or sweep")
-    glue.add_argument("--profile", default="quick", choices=["smoke", "quick", "paper", "sweep"])
+    glue.add_argument("--profile", default="quick", choices=list(PROFILES),
+                      help="smoke (tests), quick (2-core CPU, ~2 h), lrgrid (learning-rate search), paper, "
+                           "perturb (Table 2), sweep (Fig. 5)")
     glue.add_argument("--name", help="results file name (default: the profile name)")
     glue.add_argument("--results-dir", default="benchmarks/results")
     glue.add_argument("--data-dir", help="directory of the official task files (default: the hub)")
@@ -212,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     glue.add_argument("--tasks", nargs="+", help="only these tasks")
     glue.add_argument("--methods", nargs="+", help="only these methods")
     glue.add_argument("--max-runs", type=int, help="stop after this many new runs (run a profile in parts)")
+    glue.add_argument("--lrs-from", help="results file of the lrgrid profile: use each method's chosen learning rate")
     glue.set_defaults(func=_bench_glue)
     report = bench.add_parser("report", help="tables and plots from results files")
     report.add_argument("results", nargs="+", help="results .jsonl files")

@@ -36,6 +36,7 @@ def _extend_peft_type(name: str) -> PeftType:
 
 
 PEFT_TYPE = _extend_peft_type(METHOD_NAME)
+BOTTLENECK_PEFT_TYPE = _extend_peft_type("bottleneck")
 
 # The PeftModel being saved, so the adapter-file writer can record its base model's identity.
 _SAVING_MODEL: contextvars.ContextVar = contextvars.ContextVar("sam_peft_saving_model", default=None)
@@ -102,12 +103,16 @@ def register() -> None:
     """Register the tuner with peft (idempotent)."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
+    from .bottleneck import PREFIX as BOTTLENECK_PREFIX
+    from .bottleneck import BottleneckConfig, BottleneckModel
     from .config import SparseDiffConfig
     from .model import SparseDiffModel
 
     if PEFT_TYPE in PEFT_TYPE_TO_CONFIG_MAPPING:
         return
     register_peft_method(name=METHOD_NAME, config_cls=SparseDiffConfig, model_cls=SparseDiffModel, prefix=PREFIX)
+    register_peft_method(name="bottleneck", config_cls=BottleneckConfig, model_cls=BottleneckModel,
+                         prefix=BOTTLENECK_PREFIX)
     peft.peft_model.safe_save_file = _atomic_peft_save_file
     peft.utils.save_and_load.safe_load_file = _checked_peft_load_file
     if not hasattr(peft.peft_model.set_peft_model_state_dict, "__wrapped__"):

@@ -1,8 +1,9 @@
 """The one training path shared by `sam-peft train` and the benchmark harness.
 
-Load a task, wrap the model for a method (sam-peft selections, dense full fine-tuning, peft LoRA), train
-with `transformers.Trainer` (burn-in through `SAMCallback`, early stopping on the held-out 10 %), evaluate on
-the official dev split, and write the adapter, `metrics.json` and plots to the output directory.
+Load a task, prepare the model for a method (`sam_peft.methods`: sparse deltas, LoRA, bottleneck adapters,
+full fine-tuning and the dense baselines), train with `transformers.Trainer` (the method's callbacks, early
+stopping on the held-out 10 %), evaluate on the official dev split, and write the adapter (or model),
+`metrics.json` and plots to the output directory.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import SELECTIONS, SparseDiffConfig
+from .config import SELECTIONS
 from .io import write_text_atomic
+from .methods import DEFAULT_LRS, METHODS, prepare_method
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("sam", "fisher", "sam_hessian", "magnitude", "random", "bitfit", "full", "lora")
 # The paper's burn-in lengths (its code, batch 16).
 PAPER_BURN_IN = {"cola": 600, "mrpc": 600, "stsb": 1000, "rte": 700, "cb": 700, "copa": 700, "wsc": 2000}
 
@@ -54,6 +55,15 @@ class TrainSettings:
     lora_r: int = 8
     limit: int | None = None
     drop_fraction: float = 0.0
+    train_eval_limit: int = 1000
+    mixout_p: float = 0.9
+    adapter_placement: str = "houlsby"
+    adapter_reduction: int = 16
+    projection_every: int = 1
+    l0_weight: float = 1.0
+    reproject_every: int | None = None
+    dps_keep: float = 0.7
+    dps_stage_ratio: float = 0.05
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -61,7 +71,7 @@ class TrainSettings:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is unknown; choose one of {list(METHODS)}.")
         if self.lr is None:
-            self.lr = 5e-5 if self.method == "full" else 1e-3  # see docs/results.md (RTE, held-out split)
+            self.lr = DEFAULT_LRS[self.method]
         if self.batch_size <= 0 or self.max_length <= 0:
             raise ValueError("batch_size and max_length must be positive.")
 
@@ -90,26 +100,6 @@ def load_base_model(model_path: str, task) -> nn.Module:
     return AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
 
 
-def wrap_model(model: nn.Module, settings: TrainSettings, task) -> nn.Module:
-    """Apply the method: a sam-peft adapter, a peft LoRA, or nothing (full fine-tuning)."""
-    from peft import LoraConfig, get_peft_model
-
-    task_type = None if task.is_multiple_choice else "SEQ_CLS"
-    head = ["classifier"] if task.is_multiple_choice else None
-    if settings.method == "full":
-        return model
-    if settings.method == "lora":
-        config = LoraConfig(r=settings.lora_r, lora_alpha=2 * settings.lora_r, lora_dropout=0.1,
-                            target_modules=["query", "key", "value", "dense"], task_type=task_type,
-                            modules_to_save=head)
-        return get_peft_model(model, config)
-    assert settings.method in SELECTIONS
-    config = SparseDiffConfig(sparsity=settings.sparsity, selection=settings.method,
-                              allocation=settings.allocation, seed=settings.seed, task_type=task_type,
-                              modules_to_save=head)
-    return get_peft_model(model, config)
-
-
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -126,9 +116,8 @@ def _drop_rows(dataset, fraction: float, seed: int):
 
 def run_training(settings: TrainSettings) -> dict:
     """Train, evaluate and write the outputs; returns the metrics dict written to metrics.json."""
-    from transformers import AutoTokenizer, EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+    from transformers import AutoTokenizer, EarlyStoppingCallback, TrainingArguments, set_seed
 
-    from .callbacks import SAMCallback
     from .tasks import collator_for, encode, load_task, metrics_fn_for_trainer, resolve_task
 
     task = resolve_task(settings.task)
@@ -142,12 +131,14 @@ def run_training(settings: TrainSettings) -> dict:
     splits["train"] = _drop_rows(splits["train"], settings.drop_fraction, settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     encoded = {name: encode(task, tokenizer, ds, max_length=settings.max_length) for name, ds in splits.items()}
-    model = wrap_model(load_base_model(model_path, task), settings, task)
-    trainable = count_trainable(model)
-
     steps_per_epoch = math.ceil(len(encoded["train"]) / settings.batch_size)
+    total_steps = settings.max_steps if settings.max_steps > 0 else math.ceil(settings.epochs * steps_per_epoch)
     eval_steps = settings.eval_steps or max(10, min(200, steps_per_epoch // 2))
     burn_in = settings.burn_in_steps or min(PAPER_BURN_IN.get(task.name, 600), steps_per_epoch)
+    prepared = prepare_method(load_base_model(model_path, task), settings, task, burn_in=burn_in,
+                              total_steps=total_steps)
+    model = prepared.model
+    trainable = count_trainable(model)
     args = TrainingArguments(
         output_dir=str(out_dir / "checkpoints"),
         learning_rate=settings.lr,
@@ -173,12 +164,8 @@ def run_training(settings: TrainSettings) -> dict:
         disable_tqdm=not settings.progress,
         dataloader_num_workers=0,
     )
-    callbacks = [EarlyStoppingCallback(early_stopping_patience=settings.patience)]
-    sam_callback = None
-    if settings.method in ("sam", "fisher", "sam_hessian"):
-        sam_callback = SAMCallback(burn_in_steps=burn_in, progress=settings.progress)
-        callbacks.insert(0, sam_callback)
-    trainer = Trainer(
+    callbacks = [*prepared.callbacks, EarlyStoppingCallback(early_stopping_patience=settings.patience)]
+    trainer = _trainer_class(prepared.loss_terms)(
         model=model, args=args, train_dataset=encoded["train"], eval_dataset=encoded["dev"],
         data_collator=collator_for(task, tokenizer), compute_metrics=metrics_fn_for_trainer(task),
         callbacks=callbacks,
@@ -187,8 +174,14 @@ def run_training(settings: TrainSettings) -> dict:
     train_output = trainer.train()
     train_seconds = time.perf_counter() - train_start
     trainer.remove_callback(EarlyStoppingCallback)
+    if prepared.finalize is not None:
+        prepared.finalize()
+    method_facts = prepared.describe() if prepared.describe is not None else {}
     dev_metrics = trainer.evaluate(encoded["dev"], metric_key_prefix="dev")
     test_metrics = trainer.evaluate(encoded["test"], metric_key_prefix="test")
+    # training-set fit (Fig. 5): the first `train_eval_limit` training rows
+    train_rows = encoded["train"].select(range(min(settings.train_eval_limit, len(encoded["train"]))))
+    train_metrics = trainer.evaluate(train_rows, metric_key_prefix="train") if settings.train_eval_limit else {}
 
     adapter_dir = out_dir / "adapter"
     trainer.save_model(str(adapter_dir))
@@ -208,10 +201,12 @@ def run_training(settings: TrainSettings) -> dict:
         "metric": test_metrics.get("test_primary"),
         "metrics": {k.removeprefix("test_"): v for k, v in test_metrics.items()},
         "dev_metrics": {k.removeprefix("dev_"): v for k, v in dev_metrics.items()},
+        "train_metrics": {k.removeprefix("train_"): v for k, v in train_metrics.items()},
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - started,
-        "burn_in_seconds": sam_callback.report.seconds if sam_callback and sam_callback.report else None,
-        "burn_in_steps": burn_in if sam_callback else None,
+        "burn_in_seconds": method_facts.get("burn_in_seconds"),
+        "burn_in_steps": method_facts.get("burn_in_steps"),
+        "method_facts": method_facts,
         "global_steps": trainer.state.global_step,
         "train_loss": train_output.training_loss,
         "trainable_params": trainable,
@@ -219,10 +214,33 @@ def run_training(settings: TrainSettings) -> dict:
         "settings": settings_dict,
         "num_labels": task.num_labels,
         "status": "done",
+        "log_history": trainer.state.log_history,
     }
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
     _plots(out_dir, model, trainer, settings)
     return metrics
+
+
+def _trainer_class(loss_terms: list):
+    """`Trainer`, or a subclass that adds the method's extra loss terms (e.g. DiffPruning's L0) in training."""
+    from transformers import Trainer
+
+    if not loss_terms:
+        return Trainer
+
+    class PenalisedTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+            if not model.training:
+                return result
+            loss, outputs = result if return_outputs else (result, None)
+            for term in loss_terms:
+                extra = term()
+                if extra is not None:
+                    loss = loss + extra
+            return (loss, outputs) if return_outputs else loss
+
+    return PenalisedTrainer
 
 
 def _adapter_bytes(adapter_dir: Path) -> int:

@@ -7,13 +7,14 @@ recorded are skipped, so a killed harness restarts where it stopped; a line cut 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -23,8 +24,9 @@ from .profiles import PROFILES, Profile
 logger = logging.getLogger(__name__)
 
 
-def run_key(run: dict) -> tuple:
-    return (run["task"], run["method"], int(run["seed"]), run.get("sparsity"))
+def run_key(run: dict, with_lr: bool = False) -> tuple:
+    key = (run["task"], run["method"], int(run["seed"]), run.get("sparsity"))
+    return (*key, float(run["lr"])) if with_lr else key
 
 
 def read_records(path: Path) -> list[dict]:
@@ -72,7 +74,7 @@ def _one_run(run: dict, profile: Profile, model: str | None, data_dir: str | Non
     try:
         settings = TrainSettings(
             task=run["task"], output=scratch, model=model, data_dir=data_dir, method=run["method"],
-            sparsity=run["sparsity"] or 0.005, seed=run["seed"], lr=profile.lrs.get(run["method"]),
+            sparsity=run["sparsity"] or 0.005, seed=run["seed"], lr=run.get("lr") or profile.lrs.get(run["method"]),
             progress=False, **profile.settings,
         )
         metrics = run_training(settings)
@@ -85,14 +87,42 @@ def _one_run(run: dict, profile: Profile, model: str | None, data_dir: str | Non
         "status": "done", "train_seconds": metrics["train_seconds"],
         "burn_in_seconds": metrics["burn_in_seconds"], "trainable_params": metrics["trainable_params"],
         "delta_bytes": metrics["delta_bytes"], "lr": settings.lr, "profile": profile.name,
+        "method_facts": metrics.get("method_facts", {}), "global_steps": metrics.get("global_steps"),
+        "train_metric": metrics.get("train_metrics", {}).get("primary"), "device": _device(),
         "settings": {k: v for k, v in profile.settings.items()}, "git_commit": _git_commit(), "command": command,
     }
+
+
+def _device() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def choose_lrs(grid_file: str | Path) -> dict[str, float]:
+    """The learning rate of each method with the best mean held-out metric over the grid's (task, seed) runs.
+
+    Only learning rates that finished every (task, seed) of their method count, so a partial grid is fair.
+    """
+    records = read_records(Path(grid_file))
+    if not records:
+        raise ValueError(f"{grid_file} holds no finished runs; run the lrgrid profile first.")
+    cells: dict[str, dict[float, dict[tuple, float]]] = {}
+    for r in records:
+        cells.setdefault(r["method"], {}).setdefault(float(r["lr"]), {})[(r["task"], r["seed"])] = r["dev_metric"]
+    chosen = {}
+    for method, by_lr in cells.items():
+        complete = set.union(*(set(v) for v in by_lr.values()))
+        scores = {lr: sum(v.values()) / len(v) for lr, v in by_lr.items() if set(v) == complete}
+        if scores:
+            chosen[method] = max(scores, key=scores.get)
+    return chosen
 
 
 def check_consistent(records: list[dict], profile: Profile, path: Path) -> None:
     """Refuse to mix runs made with other settings (or learning rates) into one results file."""
     for record in records:
-        lr = profile.lrs.get(record["method"])
+        lr = None if profile.lr_grid is not None else profile.lrs.get(record["method"])
         if record.get("settings") != dict(profile.settings) or (lr is not None and record.get("lr") != lr):
             raise ValueError(
                 f"{path} holds a run ({record['task']}, {record['method']}, seed {record['seed']}) made with other "
@@ -105,17 +135,25 @@ def check_consistent(records: list[dict], profile: Profile, path: Path) -> None:
 def run_profile(profile_name: str, *, name: str | None = None, results_dir: str = "benchmarks/results",
                 model: str | None = None, data_dir: str | None = None, jobs: int = 1,
                 tasks: list[str] | None = None, methods: list[str] | None = None, max_runs: int | None = None,
-                command: str = "") -> Path:
-    """Run (or continue) a profile; returns the results file."""
+                lrs_from: str | None = None, command: str = "") -> Path:
+    """Run (or continue) a profile; returns the results file.
+
+    `lrs_from`: a results file of the lrgrid profile; each method then uses the learning rate it chose.
+    """
     profile = PROFILES[profile_name]
+    if lrs_from:
+        chosen = choose_lrs(lrs_from)
+        logger.info("learning rates chosen on %s: %s", lrs_from, chosen)
+        profile = dataclasses.replace(profile, lrs={**profile.lrs, **chosen})
     cores = os.cpu_count() or 1
     if jobs < 1 or jobs > cores:
         raise ValueError(f"--jobs {jobs} would oversubscribe this machine's {cores} cores; use 1..{cores}.")
     path = Path(results_dir) / f"{name or profile_name}.jsonl"
     records = read_records(path)
     check_consistent(records, profile, path)
-    done = {run_key(r) for r in records}
-    todo = [r for r in profile.runs() if run_key(r) not in done
+    with_lr = profile.lr_grid is not None
+    done = {run_key(r, with_lr) for r in records}
+    todo = [r for r in profile.runs() if run_key(r, with_lr) not in done
             and (not tasks or r["task"] in tasks) and (not methods or r["method"] in methods)]
     if max_runs is not None:
         todo = todo[:max_runs]
@@ -129,7 +167,7 @@ def run_profile(profile_name: str, *, name: str | None = None, results_dir: str 
     else:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             futures = [pool.submit(_one_run, run, profile, model, data_dir, threads, command) for run in todo]
-            for future in futures:
+            for future in as_completed(futures):  # record each run as soon as it finishes
                 append_record(path, future.result())
                 progress.update()
     progress.close()

@@ -1,0 +1,38 @@
+"""Helpers shared by the dense baselines: which parameters they act on, per-tensor top-k masks, and a
+callback flag that keeps the Trainer from evaluating or checkpointing during a method's warm-up phase."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..selection import per_tensor_budget
+
+HEAD_MODULES = ("classifier", "score")
+
+
+def body_parameters(model: nn.Module, head_modules: tuple[str, ...] = HEAD_MODULES) -> dict[str, nn.Parameter]:
+    """Every trainable parameter of the pretrained body: all parameters except the task head's."""
+    out = {}
+    for name, param in model.named_parameters():
+        if name.split(".")[0] in head_modules or not param.requires_grad:
+            continue
+        out[name] = param
+    if not out:
+        raise ValueError("the model has no trainable parameters outside its task head.")
+    return out
+
+
+def top_fraction_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """A boolean mask (shape of `scores`) of the floor(fraction·numel) largest scores (ties broken arbitrarily)."""
+    k = per_tensor_budget(fraction, scores.numel())
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        mask[torch.topk(scores.detach().reshape(-1), k, sorted=False).indices] = True
+    return mask.view_as(scores)
+
+
+def hold_evaluation(control) -> None:
+    """Skip the evaluation and checkpoint the Trainer planned for this step (during a warm-up phase)."""
+    control.should_evaluate = False
+    control.should_save = False

@@ -1,0 +1,125 @@
+"""The fine-tuning methods of the training path (`sam-peft train` and the benchmark harness).
+
+`prepare_method` turns a freshly loaded model into what the Trainer trains for one method, with the callbacks,
+extra loss terms and the finishing step it needs:
+
+- sparse deltas (a sam-peft adapter): sam, fisher, sam_hessian (burn-in selection), magnitude, random, bitfit;
+- peft adapters: lora (peft's LoRA), adapter (bottleneck adapters, `sam_peft.bottleneck`);
+- dense baselines: full, mixout, childpruning, diffpruning, dps (`sam_peft.baselines`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import SELECTIONS, SparseDiffConfig
+
+# Default learning rates: 1e-3 for the parameter-efficient methods and 5e-5 for the dense ones (the best of
+# small probes on RTE's held-out split, docs/results.md); benchmarks choose theirs on a grid.
+DEFAULT_LRS = {
+    "sam": 1e-3, "fisher": 1e-3, "sam_hessian": 1e-3, "magnitude": 1e-3, "random": 1e-3, "bitfit": 1e-3,
+    "lora": 1e-3, "adapter": 1e-3, "diffpruning": 1e-3, "childpruning": 5e-5,
+    "full": 5e-5, "mixout": 5e-5, "dps": 5e-5,
+}
+METHODS = tuple(DEFAULT_LRS)
+BURN_IN_SELECTIONS = ("sam", "fisher", "sam_hessian")
+
+
+@dataclass
+class PreparedMethod:
+    """What the Trainer needs for one method."""
+
+    model: nn.Module
+    callbacks: list = field(default_factory=list)
+    loss_terms: list[Callable[[], torch.Tensor | None]] = field(default_factory=list)
+    finalize: Callable[[], None] | None = None  # run after training, before evaluation and saving
+    describe: Callable[[], dict] | None = None  # method facts recorded in metrics.json
+
+
+def prepare_method(model: nn.Module, settings, task, *, burn_in: int, total_steps: int) -> PreparedMethod:
+    """Wrap `model` for `settings.method`; `burn_in` is the selection / warm-up length in optimizer steps."""
+    method = settings.method
+    task_type = None if task.is_multiple_choice else "SEQ_CLS"
+    head = ["classifier"] if task.is_multiple_choice else None
+    if method == "full":
+        return PreparedMethod(model)
+    if method in SELECTIONS:
+        return _sparse_delta(model, settings, task_type, head, burn_in)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=settings.lora_r, lora_alpha=2 * settings.lora_r, lora_dropout=0.1,
+                            target_modules=["query", "key", "value", "dense"], task_type=task_type,
+                            modules_to_save=head)
+        return PreparedMethod(get_peft_model(model, config))
+    if method == "adapter":
+        from peft import get_peft_model
+
+        from .bottleneck import BottleneckConfig
+
+        config = BottleneckConfig(placement=settings.adapter_placement, reduction_factor=settings.adapter_reduction,
+                                  task_type=task_type, modules_to_save=head)
+        return PreparedMethod(get_peft_model(model, config))
+    if method == "mixout":
+        from .baselines.mixout import apply_mixout, remove_mixout
+
+        apply_mixout(model, settings.mixout_p)
+        return PreparedMethod(model, finalize=lambda: remove_mixout(model))
+    if method == "childpruning":
+        from .baselines.projection import ProjectionCallback
+
+        callback = ProjectionCallback(model, settings.sparsity, _warm_up(burn_in, total_steps),
+                                      every=settings.projection_every)
+        return PreparedMethod(model, [callback], describe=lambda: {
+            "projection_steps": callback.projection_steps, "projections": callback.projections,
+            "changed_entries": callback.changed_entries()})
+    if method == "diffpruning":
+        from .baselines.diffpruning import DiffPruningCallback, attach_gated_diffs, bake
+
+        gated = attach_gated_diffs(model)
+        callback = DiffPruningCallback(gated, settings.sparsity, _warm_up(burn_in, total_steps),
+                                       l0_weight=settings.l0_weight, reproject_every=settings.reproject_every)
+        return PreparedMethod(model, [callback], loss_terms=[callback.penalty], finalize=lambda: bake(model),
+                              describe=lambda: {"projection_steps": callback.projection_steps,
+                                                "projections": callback.projections})
+    if method == "dps":
+        from .baselines.dps import DPSCallback
+        from .baselines.mixout import set_dropout
+
+        set_dropout(model, 0.0)
+        stage = max(1, round(settings.dps_stage_ratio * total_steps))
+        callback = DPSCallback(model, stage, keep=settings.dps_keep)
+        return PreparedMethod(model, [callback], describe=lambda: {"stage_steps": stage,
+                                                                   "selections": callback.selections})
+    raise ValueError(f"method={method!r} is unknown; choose one of {list(METHODS)}.")
+
+
+def _sparse_delta(model, settings, task_type, head, burn_in: int) -> PreparedMethod:
+    from peft import get_peft_model
+
+    from .callbacks import SAMCallback
+
+    config = SparseDiffConfig(sparsity=settings.sparsity, selection=settings.method, allocation=settings.allocation,
+                              seed=settings.seed, task_type=task_type, modules_to_save=head)
+    wrapped = get_peft_model(model, config)
+    callbacks = []
+    if settings.method in BURN_IN_SELECTIONS:
+        selection = SAMCallback(burn_in_steps=burn_in, progress=settings.progress)
+        callbacks.append(selection)
+
+        def describe() -> dict:
+            report = selection.report
+            return {"burn_in_steps": burn_in, "burn_in_seconds": report.seconds if report else None}
+
+        return PreparedMethod(wrapped, callbacks, describe=describe)
+    return PreparedMethod(wrapped)
+
+
+def _warm_up(burn_in: int, total_steps: int) -> int:
+    """A warm-up phase (projection methods) of `burn_in` steps, leaving at least half the run after it."""
+    return max(1, min(burn_in, math.ceil(total_steps / 2)))
