@@ -134,3 +134,19 @@ def test_bench_smoke_resumes_and_reports(tmp_path, data_dir, tiny_model):
     text = report.read_text()
     assert "Table 1" in text and "| sam |" in text and "Spearman" in text
     assert (tmp_path / "report-methods.png").exists()
+
+
+@pytest.mark.parametrize("method", ["adapter", "mixout", "childpruning", "diffpruning", "dps"])
+def test_train_runs_every_baseline(tmp_path, data_dir, tiny_model, method):
+    from safetensors.torch import load_file
+
+    metrics = _train(tmp_path / method, data_dir, tiny_model, "rte", method=method)
+    assert metrics["method"] == method and 0 <= metrics["metric"] <= 100 and metrics["global_steps"] == 6
+    assert metrics["train_metrics"] and "primary" in metrics["train_metrics"]
+    if method in ("childpruning", "diffpruning"):  # the saved model is the base plus a 5 % sparse delta
+        assert metrics["method_facts"]["projection_steps"] == 2
+        base = load_file(tiny_model / "model.safetensors")
+        trained = load_file(tmp_path / method / "adapter" / "model.safetensors")
+        for name, value in base.items():
+            tuned = trained["bert." + name] if "bert." + name in trained else trained[name]
+            assert int((tuned != value).sum()) <= int(0.05 * value.numel()), name

@@ -11,11 +11,12 @@ from ..selection import per_tensor_budget
 HEAD_MODULES = ("classifier", "score")
 
 
-def body_parameters(model: nn.Module, head_modules: tuple[str, ...] = HEAD_MODULES) -> dict[str, nn.Parameter]:
-    """Every trainable parameter of the pretrained body: all parameters except the task head's."""
+def body_parameters(model: nn.Module, head_modules: tuple[str, ...] = HEAD_MODULES,
+                    trainable_only: bool = True) -> dict[str, nn.Parameter]:
+    """The parameters of the pretrained body (all except the task head's; by default only trainable ones)."""
     out = {}
     for name, param in model.named_parameters():
-        if name.split(".")[0] in head_modules or not param.requires_grad:
+        if name.split(".")[0] in head_modules or (trainable_only and not param.requires_grad):
             continue
         out[name] = param
     if not out:
