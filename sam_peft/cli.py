@@ -23,7 +23,7 @@ def _train(args: argparse.Namespace) -> int:
         sparsity=args.sparsity, allocation=args.allocation, burn_in_steps=args.burn_in_steps, epochs=args.epochs,
         max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
         seed=args.seed, patience=args.patience, eval_steps=args.eval_steps, limit=args.limit,
-        reproject_every=args.reproject_every, progress=not args.no_progress,
+        reproject_every=args.reproject_every, logging_steps=args.logging_steps, progress=not args.no_progress,
     )
     metrics = run_training(settings)
     _print_table([
@@ -151,6 +151,14 @@ def _bench_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_projection(args: argparse.Namespace) -> int:
+    from .bench.projection import write_projection_curve
+
+    curve = write_projection_curve(args.run, args.json, args.png)
+    print(f"{len(curve['steps'])} logged steps, projections at {curve['projections']}: {args.json}, {args.png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sam-peft", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -177,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--patience", type=int, default=3, help="early-stopping patience in evaluations")
     train.add_argument("--eval-steps", type=int, help="evaluate on the held-out 10 %% every N steps")
     train.add_argument("--limit", type=int, help="use only the first N rows of each split (quick checks)")
+    train.add_argument("--logging-steps", type=int, help="log the training loss every N steps")
     train.add_argument("--reproject-every", type=int,
                        help="diffpruning: keep the relaxed phase and re-project the diff every N steps (Fig. 3)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -225,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("results", nargs="+", help="results .jsonl files")
     report.add_argument("--output", default="docs/benchmarks-glue.md")
     report.set_defaults(func=_bench_report)
+    projection = bench.add_parser("projection", help="Fig. 3 curve from a diffpruning run with --reproject-every")
+    projection.add_argument("run", help="output directory of the run")
+    projection.add_argument("--json", default="benchmarks/results/projection.json")
+    projection.add_argument("--png", default="docs/images/projection.png")
+    projection.set_defaults(func=_bench_projection)
     return parser
 
 

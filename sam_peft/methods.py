@@ -86,7 +86,8 @@ def prepare_method(model: nn.Module, settings, task, *, burn_in: int, total_step
                                        l0_weight=settings.l0_weight, reproject_every=settings.reproject_every)
         return PreparedMethod(model, [callback], loss_terms=[callback.penalty], finalize=lambda: bake(model),
                               describe=lambda: {"projection_steps": callback.projection_steps,
-                                                "projections": callback.projections})
+                                                "projections": callback.projections,
+                                                "l0_penalty_by_step": callback.penalty_by_step})
     if method == "dps":
         from .baselines.dps import DPSCallback
         from .baselines.mixout import set_dropout

@@ -50,6 +50,7 @@ class TrainSettings:
     seed: int = 0
     patience: int = 3
     eval_steps: int | None = None
+    logging_steps: int | None = None
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     lora_r: int = 8
@@ -156,7 +157,7 @@ def run_training(settings: TrainSettings) -> dict:
         load_best_model_at_end=True,
         metric_for_best_model="primary",
         greater_is_better=True,
-        logging_steps=max(1, eval_steps // 4),
+        logging_steps=settings.logging_steps or max(1, eval_steps // 4),
         report_to=[],
         seed=settings.seed,
         data_seed=settings.seed,

@@ -93,6 +93,7 @@ class DiffPruningCallback(TrainerCallback):
         self.l0_weight = l0_weight
         self.reproject_every = reproject_every
         self.projections: list[int] = []
+        self.penalty_by_step: dict[int, float] = {}  # recorded in re-projection runs, to plot the task loss alone
         self.total = sum(g.w.numel() for g in gated.values())
 
     @property
@@ -114,6 +115,13 @@ class DiffPruningCallback(TrainerCallback):
                 g.projected = True
                 g.alpha.requires_grad_(False)
         self.projections.append(step)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.reproject_every:
+            with torch.no_grad():
+                penalty = self.penalty()
+            self.penalty_by_step[state.global_step + 1] = float(penalty) if penalty is not None else 0.0
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
