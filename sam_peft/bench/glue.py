@@ -107,6 +107,10 @@ def choose_lrs(grid_file: str | Path) -> dict[str, float]:
     records = read_records(Path(grid_file))
     if not records:
         raise ValueError(f"{grid_file} holds no finished runs; run the lrgrid profile first.")
+    return choose_lrs_from_records(records)
+
+
+def choose_lrs_from_records(records: list[dict]) -> dict[str, float]:
     cells: dict[str, dict[float, dict[tuple, float]]] = {}
     for r in records:
         cells.setdefault(r["method"], {}).setdefault(float(r["lr"]), {})[(r["task"], r["seed"])] = r["dev_metric"]

@@ -26,6 +26,11 @@ def table1(records: list[dict]) -> tuple[str, dict]:
     """Markdown table of mean ± std (over seeds) per task, the average over tasks, and ranks."""
     records = [r for r in records if r.get("sparsity") in (None, 0.005)]
     methods = sorted({r["method"] for r in records})
+    # compare methods on the same runs: per task, only the seeds every method has finished
+    seeds_of = _by(records, "method", "task")
+    common = {t: set.intersection(*({r["seed"] for r in seeds_of.get((m, t), [])} for m in methods))
+              for t in {r["task"] for r in records}}
+    records = [r for r in records if r["seed"] in common[r["task"]]]
     cells = _by(records, "method", "task")
     # a partial results file: report the tasks every method has finished
     tasks = [t for t in TASK_ORDER if all(cells.get((m, t)) for m in methods)]
@@ -87,19 +92,42 @@ def rank_correlation(summary: dict) -> tuple[float, float]:
 
 
 def sweep_table(records: list[dict]) -> tuple[str, dict]:
-    """Mean ± std over tasks and seeds of the dev metric for each sparsity of SAM (Fig. 5)."""
+    """Mean ± std over tasks and seeds of the dev and training-set metrics for each sparsity of SAM (Fig. 5)."""
     rows = defaultdict(list)
     for r in records:
         if r["method"] == "sam" and r.get("sparsity"):
             rows[r["sparsity"]].append(r)
     data = {}
-    lines = ["| sparsity | runs | dev metric | train loss |", "|---|---|---|---|"]
+    lines = ["| sparsity | runs | dev metric | train metric | train loss |", "|---|---|---|---|---|"]
     for p in sorted(rows):
         metric = [r["metric"] for r in rows[p]]
+        train = [r["train_metric"] for r in rows[p] if r.get("train_metric") is not None]
         loss = [r["train_loss"] for r in rows[p] if r.get("train_loss") is not None]
-        data[p] = (float(np.mean(metric)), float(np.std(metric)), float(np.mean(loss)) if loss else float("nan"))
-        lines.append(f"| {p} | {len(metric)} | {data[p][0]:.2f} ± {data[p][1]:.2f} | {data[p][2]:.4f} |")
+        data[p] = (float(np.mean(metric)), float(np.std(metric)),
+                   float(np.mean(train)) if train else float("nan"), float(np.std(train)) if train else float("nan"),
+                   float(np.mean(loss)) if loss else float("nan"))
+        lines.append(f"| {p} | {len(metric)} | {data[p][0]:.2f} ± {data[p][1]:.2f} | "
+                     f"{data[p][2]:.2f} ± {data[p][3]:.2f} | {data[p][4]:.4f} |")
     return "\n".join(lines), data
+
+
+def lr_grid_table(records: list[dict]) -> str:
+    """Mean held-out (10 %) metric of each method at each learning rate, and the rate `--lrs-from` picks."""
+    from .glue import choose_lrs_from_records
+
+    chosen = choose_lrs_from_records(records)
+    cells = _by(records, "method", "lr")
+    lrs = sorted({float(r["lr"]) for r in records})
+    tasks = [t for t in TASK_ORDER if any(r["task"] == t for r in records)]
+    lines = ["| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " | chosen |", "|---|" + "---|" * (len(lrs) + 1)]
+    for method in sorted({r["method"] for r in records}):
+        row = []
+        for lr in lrs:
+            runs = cells.get((method, lr), [])
+            row.append(f"{np.mean([r['dev_metric'] for r in runs]):.2f} ({len(runs)})" if runs else "-")
+        lines.append(f"| {method} | " + " | ".join(row) + f" | {chosen.get(method, float('nan')):g} |")
+    return (f"Tasks: {', '.join(tasks)}; each cell: mean held-out primary metric (runs). Only rates with every "
+            "(task, seed) of their method count for the choice.\n\n" + "\n".join(lines))
 
 
 def _plot_methods(summary: dict, path: Path) -> None:
@@ -133,10 +161,12 @@ def _plot_sweep(data: dict, path: Path) -> None:
 
     ps = sorted(data)
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar(ps, [data[p][0] for p in ps], yerr=[data[p][1] for p in ps], marker="o", capsize=3)
+    ax.errorbar(ps, [data[p][0] for p in ps], yerr=[data[p][1] for p in ps], marker="o", capsize=3, label="dev")
+    ax.errorbar(ps, [data[p][2] for p in ps], yerr=[data[p][3] for p in ps], marker="s", capsize=3, label="train")
     ax.set_xscale("log")
     ax.set_xlabel("sparsity p (fraction tuned)")
-    ax.set_ylabel("dev metric (0-100)")
+    ax.set_ylabel("primary metric (0-100)")
+    ax.legend()
     ax.set_title("SAM: performance against sparsity (Fig. 5)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -149,6 +179,14 @@ def write_report(results: list[str], output: str) -> Path:
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     parts = [f"# GLUE/SuperGLUE benchmark report\n\nResults: {', '.join(results)} ({len(records)} runs).\n"]
+    if any(r.get("profile") == "lrgrid" for r in records):
+        parts += ["## Learning-rate grid (held-out 10 %)\n", lr_grid_table(records)]
+        records = [r for r in records if r.get("profile") != "lrgrid"]
+    perturbed = [r for r in records if (r.get("settings") or {}).get("drop_fraction")]
+    records = [r for r in records if not (r.get("settings") or {}).get("drop_fraction")]
+    if perturbed:
+        text, _ = table1(perturbed)
+        parts += ["## Table 2: data perturbation (each run drops a different random 10 % of train)\n", text]
     main = [r for r in records if r.get("sparsity") in (None, 0.005)]
     if main:
         text, summary = table1(main)
