@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     glue.set_defaults(func=_bench_glue)
     report = bench.add_parser("report", help="tables and plots from results files")
     report.add_argument("results", nargs="+", help="results .jsonl files")
-    report.add_argument("--output", default="docs/benchmarks-glue.md")
+    report.add_argument("--output", default="docs/benchmarks-report.md")
     report.set_defaults(func=_bench_report)
     projection = bench.add_parser("projection", help="Fig. 3 curve from a diffpruning run with --reproject-every")
     projection.add_argument("run", help="output directory of the run")

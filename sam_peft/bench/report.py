@@ -62,7 +62,8 @@ def table1(records: list[dict]) -> tuple[str, dict]:
     for method in order:
         s = summary[method]
         row = [f"{s['tasks'][t][0]:.2f} ± {s['tasks'][t][1]:.2f}" for t in tasks]
-        lines.append(f"| {method} | " + " | ".join(row) + f" | **{s['mean']:.2f}** | {s['std']:.2f} | {s['rank']} |")
+        std = "n/a (1 seed)" if math.isnan(s["std"]) else f"{s['std']:.2f}"
+        lines.append(f"| {method} | " + " | ".join(row) + f" | **{s['mean']:.2f}** | {std} | {s['rank']} |")
     return "\n".join(lines), summary
 
 
@@ -173,12 +174,30 @@ def _plot_sweep(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _provenance(records: list[dict]) -> str:
+    """Profiles, settings, learning rates, devices and commands behind the records."""
+    lines = ["| profile | settings | devices | runs |", "|---|---|---|---|"]
+    for (profile,), runs in sorted(_by(records, "profile").items(), key=lambda kv: str(kv[0])):
+        settings = ", ".join(f"{k}={v}" for k, v in (runs[0].get("settings") or {}).items())
+        devices = ", ".join(sorted({r.get("device", "cpu (not recorded)") for r in runs}))
+        lines.append(f"| {profile} | {settings} | {devices} | {len(runs)} |")
+    lrs = defaultdict(set)
+    for r in records:
+        lrs[r["method"]].add(r.get("lr"))
+    rates = ", ".join(f"{m} {'/'.join(f'{lr:g}' for lr in sorted(v) if lr is not None)}"
+                      for m, v in sorted(lrs.items()))
+    commands = sorted({r.get("command", "") for r in records} - {""})
+    return ("\n".join(lines) + f"\n\nLearning rates: {rates}.\n\nCommands:\n\n"
+            + "\n".join(f"    {c}" for c in commands) + "\n")
+
+
 def write_report(results: list[str], output: str) -> Path:
     """Write the markdown report (and PNG plots beside it) for one or more results files."""
     records = [r for path in results for r in read_records(Path(path))]
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    parts = [f"# GLUE/SuperGLUE benchmark report\n\nResults: {', '.join(results)} ({len(records)} runs).\n"]
+    parts = [f"# GLUE/SuperGLUE benchmark report\n\nResults: {', '.join(results)} ({len(records)} runs).\n",
+             _provenance(records)]
     if any(r.get("profile") == "lrgrid" for r in records):
         parts += ["## Learning-rate grid (held-out 10 %)\n", lr_grid_table(records)]
         records = [r for r in records if r.get("profile") != "lrgrid"]
@@ -191,10 +210,12 @@ def write_report(results: list[str], output: str) -> Path:
     if main:
         text, summary = table1(main)
         rho, p = rank_correlation(summary)
+        correlation = (f"{rho:.3f} (p = {p:.3g})" if not math.isnan(rho)
+                       else "not defined: stability needs at least two seeds per method")
         parts += ["## Table 1: primary metric on the official dev split, mean ± std over seeds\n", text,
                   "\n## Table 5: paired t-tests of SAM against each method\n", table5(main),
                   f"\n## Stability vs performance\n\nSpearman ρ between stability rank and performance rank: "
-                  f"{rho:.3f} (p = {p:.3g}).\n"]
+                  f"{correlation}.\n"]
         if summary:
             plot = out.with_name(out.stem + "-methods.png")
             _plot_methods(summary, plot)
