@@ -251,3 +251,31 @@ def test_lr_grid_profile_expands_learning_rates_into_run_keys():
     runs = profile.runs()
     assert len(runs) == len(profile.tasks) * sum(len(profile.lr_grid[m]) for m in profile.methods)
     assert len({run_key(r, with_lr=True) for r in runs}) == len(runs)
+
+
+def test_report_covers_the_grid_the_perturbation_table_and_the_sweep(tmp_path):
+    from sam_peft.bench.report import write_report
+
+    rows = []
+    for seed in (0, 1):
+        for task, base in (("rte", 60.0), ("cb", 70.0)):
+            for method, shift in (("sam", 2.0), ("full", 0.0)):
+                common = {"task": task, "method": method, "seed": seed, "status": "done", "lr": 1e-3,
+                          "dev_metric": base + shift, "train_loss": 0.5}
+                rows.append({**common, "sparsity": 0.005 if method == "sam" else None, "metric": base + shift + seed,
+                             "profile": "paper", "settings": {"epochs": 10}})
+                rows.append({**common, "sparsity": 0.005 if method == "sam" else None, "metric": base + shift - seed,
+                             "profile": "perturb", "settings": {"epochs": 10, "drop_fraction": 0.1}})
+                rows.append({**common, "sparsity": None, "metric": base, "profile": "lrgrid", "lr": 1e-4,
+                             "settings": {}})
+            for p in (0.001, 0.01):
+                rows.append({"task": task, "method": "sam", "seed": seed, "sparsity": p, "status": "done",
+                             "metric": base + 100 * p, "train_metric": base + 200 * p, "train_loss": 0.4,
+                             "lr": 1e-3, "profile": "sweep", "settings": {}})
+    path = tmp_path / "all.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = write_report([str(path)], str(tmp_path / "report.md")).read_text()
+    assert "Learning-rate grid" in text and "Table 2" in text and "Table 1" in text and "Sparsity sweep" in text
+    assert "| sam | 62.50 ± 0.71 | 72.50 ± 0.71 | **67.50** |" in text
+    assert "| 0.01 | 4 | 66.00 ± 5.00 | 67.00 ± 5.00 |" in text
+    assert (tmp_path / "report-sweep.png").exists() and (tmp_path / "report-methods.png").exists()

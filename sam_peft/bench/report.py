@@ -199,7 +199,8 @@ def write_report(results: list[str], output: str) -> Path:
     parts = [f"# GLUE/SuperGLUE benchmark report\n\nResults: {', '.join(results)} ({len(records)} runs).\n",
              _provenance(records)]
     if any(r.get("profile") == "lrgrid" for r in records):
-        parts += ["## Learning-rate grid (held-out 10 %)\n", lr_grid_table(records)]
+        grid = [r for r in records if r.get("profile") == "lrgrid"]
+        parts += ["## Learning-rate grid (held-out 10 %)\n", lr_grid_table(grid)]
         records = [r for r in records if r.get("profile") != "lrgrid"]
     perturbed = [r for r in records if (r.get("settings") or {}).get("drop_fraction")]
     records = [r for r in records if not (r.get("settings") or {}).get("drop_fraction")]
