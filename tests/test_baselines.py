@@ -279,3 +279,37 @@ def test_report_covers_the_grid_the_perturbation_table_and_the_sweep(tmp_path):
     assert "| sam | 62.50 ± 0.71 | 72.50 ± 0.71 | **67.50** |" in text
     assert "| 0.01 | 4 | 66.00 ± 5.00 | 67.00 ± 5.00 |" in text
     assert (tmp_path / "report-sweep.png").exists() and (tmp_path / "report-methods.png").exists()
+
+
+def test_a_record_appended_after_a_cut_off_line_is_kept(tmp_path):
+    from sam_peft.bench.glue import append_record, read_records
+
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(_record("rte", "sam", 0, 1e-3, 50)) + "\n" + '{"task": "rte", "meth')
+    append_record(path, _record("cb", "sam", 0, 1e-3, 60))
+    assert [r["task"] for r in read_records(path)] == ["rte", "cb"]
+
+
+def test_results_file_refuses_another_base_model():
+    profile = PROFILES["quick"]
+    record = {**_record("rte", "sam", 0, profile.lrs["sam"], 50, settings=dict(profile.settings)),
+              "model": "some/other-model"}
+    with pytest.raises(ValueError, match="base model"):
+        check_consistent([record], profile, Path("quick.jsonl"))
+    check_consistent([record], profile, Path("quick.jsonl"), model="some/other-model")
+
+
+def test_reprojection_run_ends_with_a_projected_sparse_model():
+    model = _bert()
+    base_state = {n: p.detach().clone() for n, p in body_parameters(model).items()}
+    gated = attach_gated_diffs(model)
+    callback = DiffPruningCallback(gated, sparsity=0.05, projection_steps=1, reproject_every=2)
+    for g in gated.values():
+        with torch.no_grad():
+            g.w.normal_()  # a dense diff, as after relaxed training
+    model.train()
+    callback.finish(step=3)
+    bake(model)
+    assert model.training
+    for name, param in body_parameters(model, trainable_only=False).items():
+        assert int((param.detach() != base_state[name]).sum()) <= math.floor(0.05 * param.numel())

@@ -70,11 +70,15 @@ def attach_gated_diffs(model: nn.Module) -> dict[str, GatedDiff]:
 
 
 def bake(model: nn.Module) -> None:
-    """Replace the parametrizations by plain parameters holding θ0 + m ⊙ w (or the relaxed value)."""
-    for module in list(model.modules()):
-        if parametrize.is_parametrized(module):
-            for attr in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+    """Replace the parametrizations by plain parameters holding θ0 + m ⊙ w (relaxed: the deterministic gates)."""
+    was_training = model.training
+    model.eval()  # relaxed gates must not be sampled while baking
+    with torch.no_grad():
+        for module in list(model.modules()):
+            if parametrize.is_parametrized(module):
+                for attr in list(module.parametrizations.keys()):
+                    parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+    model.train(was_training)
 
 
 class DiffPruningCallback(TrainerCallback):
@@ -115,6 +119,11 @@ class DiffPruningCallback(TrainerCallback):
                 g.projected = True
                 g.alpha.requires_grad_(False)
         self.projections.append(step)
+
+    def finish(self, step: int) -> None:
+        """End of training: a model still relaxed (re-projection runs) gets its final projection."""
+        if self.relaxed:
+            self.project(step)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.reproject_every:

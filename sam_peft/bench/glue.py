@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..training import PACKAGED_MODEL
 from .profiles import PROFILES, Profile
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,10 @@ def read_records(path: Path) -> list[dict]:
 
 def append_record(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    cut_off = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
     with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, default=str) + "\n")
+        # a line cut off by a kill stays alone on its line (and is skipped), so this record is kept
+        handle.write(("\n" if cut_off else "") + json.dumps(record, default=str) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -123,9 +126,13 @@ def choose_lrs_from_records(records: list[dict]) -> dict[str, float]:
     return chosen
 
 
-def check_consistent(records: list[dict], profile: Profile, path: Path) -> None:
-    """Refuse to mix runs made with other settings (or learning rates) into one results file."""
+def check_consistent(records: list[dict], profile: Profile, path: Path, model: str | None = None) -> None:
+    """Refuse to mix runs made with other settings, learning rates or base model into one results file."""
+    expected_model = model or PACKAGED_MODEL
     for record in records:
+        if record.get("model", expected_model) != expected_model:
+            raise ValueError(f"{path} holds runs of base model {record['model']!r}, not {expected_model!r}; "
+                             "write to a new file with --name.")
         lr = None if profile.lr_grid is not None else profile.lrs.get(record["method"])
         if record.get("settings") != dict(profile.settings) or (lr is not None and record.get("lr") != lr):
             raise ValueError(
@@ -154,7 +161,7 @@ def run_profile(profile_name: str, *, name: str | None = None, results_dir: str 
         raise ValueError(f"--jobs {jobs} would oversubscribe this machine's {cores} cores; use 1..{cores}.")
     path = Path(results_dir) / f"{name or profile_name}.jsonl"
     records = read_records(path)
-    check_consistent(records, profile, path)
+    check_consistent(records, profile, path, model)
     with_lr = profile.lr_grid is not None
     done = {run_key(r, with_lr) for r in records}
     todo = [r for r in profile.runs() if run_key(r, with_lr) not in done
@@ -171,8 +178,15 @@ def run_profile(profile_name: str, *, name: str | None = None, results_dir: str 
     else:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
             futures = [pool.submit(_one_run, run, profile, model, data_dir, threads, command) for run in todo]
+            failures = []
             for future in as_completed(futures):  # record each run as soon as it finishes
-                append_record(path, future.result())
+                try:
+                    append_record(path, future.result())
+                except Exception as exc:  # keep recording the other runs; report the failures at the end
+                    logger.error("a run failed: %r", exc)
+                    failures.append(exc)
                 progress.update()
+            if failures:
+                raise RuntimeError(f"{len(failures)} run(s) failed (the others are recorded); first: {failures[0]!r}")
     progress.close()
     return path

@@ -51,7 +51,7 @@ def table1(records: list[dict]) -> tuple[str, dict]:
             "seeds": len(averages),
         }
     order = sorted(summary, key=lambda m: -summary[m]["mean"])
-    std_order = sorted(summary, key=lambda m: summary[m]["std"])
+    std_order = sorted(summary, key=lambda m: (math.isnan(summary[m]["std"]), summary[m]["std"]))
     for rank, method in enumerate(order, 1):
         summary[method]["rank"] = rank
         summary[method]["stability_rank"] = std_order.index(method) + 1
@@ -193,7 +193,10 @@ def _provenance(records: list[dict]) -> str:
 
 def write_report(results: list[str], output: str) -> Path:
     """Write the markdown report (and PNG plots beside it) for one or more results files."""
-    records = [r for path in results for r in read_records(Path(path))]
+    # one record per (profile, task, method, seed, sparsity, lr): the last one written wins
+    unique = {(r.get("profile"), r["task"], r["method"], r["seed"], r.get("sparsity"), r.get("lr")): r
+              for path in results for r in read_records(Path(path))}
+    records = list(unique.values())
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     parts = [f"# GLUE/SuperGLUE benchmark report\n\nResults: {', '.join(results)} ({len(records)} runs).\n",
@@ -207,6 +210,8 @@ def write_report(results: list[str], output: str) -> Path:
     if perturbed:
         text, _ = table1(perturbed)
         parts += ["## Table 2: data perturbation (each run drops a different random 10 % of train)\n", text]
+    sweep = [r for r in records if r.get("profile") == "sweep"]
+    records = [r for r in records if r.get("profile") != "sweep"]
     main = [r for r in records if r.get("sparsity") in (None, 0.005)]
     if main:
         text, summary = table1(main)
@@ -221,8 +226,8 @@ def write_report(results: list[str], output: str) -> Path:
             plot = out.with_name(out.stem + "-methods.png")
             _plot_methods(summary, plot)
             parts.append(f"![methods]({plot.name})\n")
-    if len({r.get('sparsity') for r in records if r['method'] == 'sam'} - {None}) > 1:
-        text, data = sweep_table(records)
+    if len({r.get("sparsity") for r in sweep if r["method"] == "sam"} - {None}) > 1:
+        text, data = sweep_table(sweep)
         plot = out.with_name(out.stem + "-sweep.png")
         _plot_sweep(data, plot)
         parts += ["## Sparsity sweep (SAM)\n", text, f"\n![sweep]({plot.name})\n"]
