@@ -85,7 +85,7 @@ def prepare_method(model: nn.Module, settings, task, *, burn_in: int, total_step
         callback = DiffPruningCallback(gated, settings.sparsity, _warm_up(burn_in, total_steps),
                                        l0_weight=settings.l0_weight, reproject_every=settings.reproject_every)
         def finalize() -> None:
-            callback.finish(step=-1)
+            callback.finish()
             bake(model)
 
         return PreparedMethod(model, [callback], loss_terms=[callback.penalty], finalize=finalize,

@@ -97,6 +97,7 @@ class DiffPruningCallback(TrainerCallback):
         self.l0_weight = l0_weight
         self.reproject_every = reproject_every
         self.projections: list[int] = []
+        self.last_step = 0
         self.penalty_by_step: dict[int, float] = {}  # recorded in re-projection runs, to plot the task loss alone
         self.total = sum(g.w.numel() for g in gated.values())
 
@@ -120,10 +121,10 @@ class DiffPruningCallback(TrainerCallback):
                 g.alpha.requires_grad_(False)
         self.projections.append(step)
 
-    def finish(self, step: int) -> None:
+    def finish(self, step: int | None = None) -> None:
         """End of training: a model still relaxed (re-projection runs) gets its final projection."""
         if self.relaxed:
-            self.project(step)
+            self.project(self.last_step if step is None else step)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.reproject_every:
@@ -133,7 +134,7 @@ class DiffPruningCallback(TrainerCallback):
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        step = state.global_step
+        step = self.last_step = state.global_step
         if self.reproject_every:
             if step % self.reproject_every == 0:
                 self.project(step, keep_relaxed=True)

@@ -22,8 +22,9 @@ def projection_curve(metrics: dict) -> dict:
         if "loss" in entry and "step" in entry:
             steps.append(entry["step"])
             losses.append(entry["loss"] - penalties.get(entry["step"], 0.0))
+    projections = sorted({p for p in facts["projections"] if p in steps})  # markers at logged steps
     return {"task": metrics["task"], "lr": metrics["settings"]["lr"], "reproject_every": metrics["settings"]
-            ["reproject_every"], "steps": steps, "task_loss": losses, "projections": facts["projections"]}
+            ["reproject_every"], "steps": steps, "task_loss": losses, "projections": projections}
 
 
 def plot_projection_curve(curve: dict, path: Path) -> None:
