@@ -150,3 +150,21 @@ def test_train_runs_every_baseline(tmp_path, data_dir, tiny_model, method):
         for name, value in base.items():
             tuned = trained["bert." + name] if "bert." + name in trained else trained[name]
             assert int((tuned != value).sum()) <= int(0.05 * value.numel()), name
+
+
+def test_projection_curve_from_a_reprojection_run(tmp_path, data_dir, tiny_model):
+    out = tmp_path / "fig3"
+    assert main(["train", "--task", "rte", "--method", "diffpruning", "--reproject-every", "2", "--max-steps", "6",
+                 "--logging-steps", "1", "--data-dir", str(data_dir), "--model", str(tiny_model), "--output", str(out),
+                 "--batch-size", "4", "--max-length", "32", "--sparsity", "0.05", "--no-progress"]) == 0
+    curve_json, png = tmp_path / "curve.json", tmp_path / "curve.png"
+    assert main(["bench", "projection", str(out), "--json", str(curve_json), "--png", str(png)]) == 0
+    curve = json.loads(curve_json.read_text())
+    assert curve["steps"] == [1, 2, 3, 4, 5, 6] and curve["projections"] == [2, 4, 6]
+    assert all(loss > 0 for loss in curve["task_loss"])  # the L0 penalty is taken out, the task loss stays
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from sam_peft.bench.projection import write_projection_curve
+
+    _train(tmp_path / "plain", data_dir, tiny_model, "rte", method="diffpruning")  # no --reproject-every
+    with pytest.raises(ValueError, match="reproject"):
+        write_projection_curve(str(tmp_path / "plain"), str(tmp_path / "x.json"), str(tmp_path / "x.png"))
