@@ -98,6 +98,9 @@ def sweep_table(records: list[dict]) -> tuple[str, dict]:
     for r in records:
         if r["method"] == "sam" and r.get("sparsity"):
             rows[r["sparsity"]].append(r)
+    # compare sparsities on the same runs: the (task, seed) pairs finished at every sparsity
+    common = set.intersection(*({(r["task"], r["seed"]) for r in runs} for runs in rows.values())) if rows else set()
+    rows = {p: [r for r in runs if (r["task"], r["seed"]) in common] for p, runs in rows.items()}
     data = {}
     lines = ["| sparsity | runs | dev metric | train metric | train loss |", "|---|---|---|---|---|"]
     for p in sorted(rows):
