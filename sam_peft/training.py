@@ -181,9 +181,10 @@ def run_training(settings: TrainSettings) -> dict:
     method_facts = prepared.describe() if prepared.describe is not None else {}
     dev_metrics = trainer.evaluate(encoded["dev"], metric_key_prefix="dev")
     test_metrics = trainer.evaluate(encoded["test"], metric_key_prefix="test")
-    # training-set fit (Fig. 5): the first `train_eval_limit` training rows
-    train_rows = encoded["train"].select(range(min(settings.train_eval_limit, len(encoded["train"]))))
-    train_metrics = trainer.evaluate(train_rows, metric_key_prefix="train") if settings.train_eval_limit else {}
+    train_metrics = {}
+    if settings.train_eval_limit:  # training-set fit (Fig. 5): the first `train_eval_limit` training rows
+        train_rows = encoded["train"].select(range(min(settings.train_eval_limit, len(encoded["train"]))))
+        train_metrics = trainer.evaluate(train_rows, metric_key_prefix="train")
 
     adapter_dir = out_dir / "adapter"
     trainer.save_model(str(adapter_dir))

@@ -103,10 +103,7 @@ def _device() -> str:
 
 
 def choose_lrs(grid_file: str | Path) -> dict[str, float]:
-    """The learning rate of each method with the best mean held-out metric over the grid's (task, seed) runs.
-
-    Only learning rates that finished every (task, seed) of their method count, so a partial grid is fair.
-    """
+    """Each method's learning rate chosen on a results file of the lrgrid profile (see `choose_lrs_from_records`)."""
     records = read_records(Path(grid_file))
     if not records:
         raise ValueError(f"{grid_file} holds no finished runs; run the lrgrid profile first.")
@@ -114,6 +111,10 @@ def choose_lrs(grid_file: str | Path) -> dict[str, float]:
 
 
 def choose_lrs_from_records(records: list[dict]) -> dict[str, float]:
+    """The learning rate of each method with the best mean held-out metric over the grid's (task, seed) runs.
+
+    Only learning rates that finished every (task, seed) of their method count, so a partial grid is fair.
+    """
     cells: dict[str, dict[float, dict[tuple, float]]] = {}
     for r in records:
         cells.setdefault(r["method"], {}).setdefault(float(r["lr"]), {})[(r["task"], r["seed"])] = r["dev_metric"]

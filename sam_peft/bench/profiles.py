@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..methods import DEFAULT_LRS as METHOD_LRS
+from ..methods import DEFAULT_LRS
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,9 @@ SEVEN_TASKS = ("cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc")
 QUICK_METHODS = ("full", "sam", "fisher", "random", "bitfit", "magnitude", "lora")
 ALL_METHODS = ("full", "sam", "fisher", "random", "mixout", "bitfit", "magnitude", "lora", "adapter", "diffpruning",
                "childpruning", "dps")
-# Learning rates per method for quick and sweep (`sam_peft.methods.DEFAULT_LRS`): sam 1e-3 and full 5e-5 were the
-# best on RTE's held-out 10 % split in a small probe (docs/results.md); the other parameter-efficient methods share
-# SAM's, the other dense ones full fine-tuning's.
-DEFAULT_LRS = dict(METHOD_LRS)
+# Learning rates for quick and sweep: `sam_peft.methods.DEFAULT_LRS` (sam 1e-3 and full 5e-5 were the best on RTE's
+# held-out 10 % split in a small probe, docs/results.md; the other parameter-efficient methods share SAM's, the
+# other dense ones full fine-tuning's).
 # The paper profile's settings (its §5.1 with a 10-epoch cap; the paper's burn-in per task, capped at one epoch).
 PAPER_SETTINGS = {"epochs": 10, "batch_size": 16, "max_length": 128, "patience": 5}
 # Learning-rate grid searched on the held-out 10 % (seed 0) before the paper profile: dense methods around the

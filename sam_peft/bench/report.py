@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from ..io import write_text_atomic
 from .glue import read_records
 
 TASK_ORDER = ("cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc")
@@ -194,6 +195,13 @@ def _provenance(records: list[dict]) -> str:
             + "\n".join(f"    {c}" for c in commands) + "\n")
 
 
+def _report_group(record: dict) -> str:
+    """Which part of the report a record belongs to: lrgrid, sweep, perturb (Table 2) or main (Tables 1 and 5)."""
+    if record.get("profile") in ("lrgrid", "sweep"):
+        return record["profile"]
+    return "perturb" if (record.get("settings") or {}).get("drop_fraction") else "main"
+
+
 def write_report(results: list[str], output: str) -> Path:
     """Write the markdown report (and PNG plots beside it) for one or more results files."""
     # one record per (profile, task, method, seed, sparsity, lr): the last one written wins
@@ -204,17 +212,16 @@ def write_report(results: list[str], output: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     parts = [f"# GLUE/SuperGLUE benchmark report\n\nResults: {', '.join(results)} ({len(records)} runs).\n",
              _provenance(records)]
-    if any(r.get("profile") == "lrgrid" for r in records):
-        grid = [r for r in records if r.get("profile") == "lrgrid"]
-        parts += ["## Learning-rate grid (held-out 10 %)\n", lr_grid_table(grid)]
-        records = [r for r in records if r.get("profile") != "lrgrid"]
-    perturbed = [r for r in records if (r.get("settings") or {}).get("drop_fraction")]
-    records = [r for r in records if not (r.get("settings") or {}).get("drop_fraction")]
-    if perturbed:
-        text, _ = table1(perturbed)
+    groups = defaultdict(list)
+    for r in records:
+        groups[_report_group(r)].append(r)
+    if groups["lrgrid"]:
+        parts += ["## Learning-rate grid (held-out 10 %)\n", lr_grid_table(groups["lrgrid"])]
+    if groups["perturb"]:
+        text, _ = table1(groups["perturb"])
         parts += ["## Table 2: data perturbation (each run drops a different random 10 % of train)\n", text]
-    sweep = [r for r in records if r.get("profile") == "sweep"]
-    records = [r for r in records if r.get("profile") != "sweep"]
+    sweep = groups["sweep"]
+    records = groups["main"]
     main = [r for r in records if r.get("sparsity") in (None, 0.005)]
     if main:
         text, summary = table1(main)
@@ -234,5 +241,5 @@ def write_report(results: list[str], output: str) -> Path:
         plot = out.with_name(out.stem + "-sweep.png")
         _plot_sweep(data, plot)
         parts += ["## Sparsity sweep (SAM)\n", text, f"\n![sweep]({plot.name})\n"]
-    out.write_text("\n".join(parts) + "\n")
+    write_text_atomic(out, "\n".join(parts) + "\n")
     return out
