@@ -27,7 +27,6 @@ DEFAULT_LRS = {
     "full": 5e-5, "mixout": 5e-5, "dps": 5e-5,
 }
 METHODS = tuple(DEFAULT_LRS)
-BURN_IN_SELECTIONS = ("sam", "fisher", "sam_hessian")
 
 
 @dataclass
@@ -112,17 +111,15 @@ def _sparse_delta(model, settings, task_type, head, burn_in: int) -> PreparedMet
     config = SparseDiffConfig(sparsity=settings.sparsity, selection=settings.method, allocation=settings.allocation,
                               seed=settings.seed, task_type=task_type, modules_to_save=head)
     wrapped = get_peft_model(model, config)
-    callbacks = []
-    if settings.method in BURN_IN_SELECTIONS:
-        selection = SAMCallback(burn_in_steps=burn_in, progress=settings.progress)
-        callbacks.append(selection)
+    if config.is_data_free:  # selected when the adapter was created
+        return PreparedMethod(wrapped)
+    selection = SAMCallback(burn_in_steps=burn_in, progress=settings.progress)
 
-        def describe() -> dict:
-            report = selection.report
-            return {"burn_in_steps": burn_in, "burn_in_seconds": report.seconds if report else None}
+    def describe() -> dict:
+        report = selection.report
+        return {"burn_in_steps": burn_in, "burn_in_seconds": report.seconds if report else None}
 
-        return PreparedMethod(wrapped, callbacks, describe=describe)
-    return PreparedMethod(wrapped)
+    return PreparedMethod(wrapped, [selection], describe=describe)
 
 
 def _warm_up(burn_in: int, total_steps: int) -> int:
