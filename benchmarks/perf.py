@@ -210,7 +210,7 @@ def topk_worker(n: int) -> dict:
     it runs once untimed; the second one is measured, with RSS sampled during the call (live memory, since
     MALLOC_MMAP_THRESHOLD_ returns freed blocks to the system).
     """
-    from sam_peft.topk import topk_global
+    from sam_peft.selection.topk import topk_global
 
     tensors, left, g = [], n, torch.Generator().manual_seed(0)
     while left:

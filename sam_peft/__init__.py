@@ -1,13 +1,9 @@
 """sam-peft: sparse fine-tuning with data-driven parameter selection (SAM, Fu et al. 2023) as a peft method.
 
-`import sam_peft` registers the method with peft; then `peft.get_peft_model(model, sam_peft.SAMConfig())`.
+`import sam_peft` registers the sparse-delta method with peft (and nothing else); then
+`peft.get_peft_model(model, sam_peft.SAMConfig())`.
 """
 
-from .bottleneck import BottleneckConfig, BottleneckModel
-from .burnin import select_parameters
-from .callbacks import SAMCallback
-from .config import SAMConfig, SparseDiffConfig
-from .delta import SparseDelta
 from .errors import (
     BaseModelMismatchError,
     ConfigError,
@@ -16,21 +12,19 @@ from .errors import (
     SamPeftError,
     SelectionError,
 )
-from .model import SparseDiffModel
-from .packing import pack_parameters
-from .registration import PEFT_TYPE, register
-from .report import SelectionReport
-from .selection import selected_indices
-
-register()
+from .selection.burnin import select_parameters
+from .selection.callback import SAMCallback
+from .selection.report import SelectionReport
+from .selection.targets import selected_indices
+from .storage.delta import SparseDelta
+from .storage.packing import pack_parameters
+from .tuner import PEFT_TYPE, SAMConfig, SparseDiffConfig, SparseDiffModel, register
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PEFT_TYPE",
     "BaseModelMismatchError",
-    "BottleneckConfig",
-    "BottleneckModel",
     "ConfigError",
     "DeltaFileError",
     "NotSelectedError",
@@ -43,6 +37,7 @@ __all__ = [
     "SparseDelta",
     "SparseDiffModel",
     "pack_parameters",
+    "register",
     "select_parameters",
     "selected_indices",
 ]

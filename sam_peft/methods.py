@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import SELECTIONS, SparseDiffConfig
+from .selection.scores import SELECTIONS
+from .tuner import SparseDiffConfig
 
 # Default learning rates: 1e-3 for the parameter-efficient methods and 5e-5 for the dense ones (the best of
 # small probes on RTE's held-out split, docs/results.md); benchmarks choose theirs on a grid.
@@ -59,7 +60,7 @@ def prepare_method(model: nn.Module, settings, task, *, burn_in: int, total_step
     if method == "adapter":
         from peft import get_peft_model
 
-        from .bottleneck import BottleneckConfig
+        from .baselines.adapters import BottleneckConfig
 
         config = BottleneckConfig(placement=settings.adapter_placement, reduction_factor=settings.adapter_reduction,
                                   task_type=task_type, modules_to_save=head)
@@ -70,7 +71,7 @@ def prepare_method(model: nn.Module, settings, task, *, burn_in: int, total_step
         apply_mixout(model, settings.mixout_p)
         return PreparedMethod(model, finalize=lambda: remove_mixout(model))
     if method == "childpruning":
-        from .baselines.projection import ProjectionCallback
+        from .baselines.childpruning import ProjectionCallback
 
         callback = ProjectionCallback(model, settings.sparsity, _warm_up(burn_in, total_steps),
                                       every=settings.projection_every)
@@ -106,7 +107,7 @@ def prepare_method(model: nn.Module, settings, task, *, burn_in: int, total_step
 def _sparse_delta(model, settings, task_type, head, burn_in: int) -> PreparedMethod:
     from peft import get_peft_model
 
-    from .callbacks import SAMCallback
+    from .selection.callback import SAMCallback
 
     config = SparseDiffConfig(sparsity=settings.sparsity, selection=settings.method, allocation=settings.allocation,
                               seed=settings.seed, task_type=task_type, modules_to_save=head)

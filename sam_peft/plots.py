@@ -10,11 +10,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .selection import layer_and_kind  # noqa: E402
+from .selection.targets import layer_and_kind  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
-    from .io import atomic_path
+    from .storage.io import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")

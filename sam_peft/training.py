@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import SELECTIONS
-from .io import write_text_atomic
 from .methods import DEFAULT_LRS, METHODS, prepare_method
+from .selection.scores import SELECTIONS
+from .storage.io import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def run_training(settings: TrainSettings) -> dict:
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps,
         weight_decay=settings.weight_decay,
-        warmup_steps=settings.warmup_ratio,
+        warmup_steps=math.ceil(settings.warmup_ratio * total_steps),  # a count: transformers 4 and 5 agree
         eval_strategy="steps",
         eval_steps=eval_steps,
         save_strategy="steps",
@@ -264,8 +264,8 @@ def _plots(out_dir: Path, model: nn.Module, trainer, settings: TrainSettings) ->
 
     plot_training_curve(trainer.state.log_history, out_dir / "training_curve.png", title=settings.task)
     if settings.method in SELECTIONS:
-        from .model import target_parameters
-        from .selection import tuner_of
+        from .selection.targets import tuner_of
+        from .tuner.model import target_parameters
 
         tuner = tuner_of(model)
         adapter = tuner.active_adapters[0]

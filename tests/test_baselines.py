@@ -14,12 +14,12 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-import sam_peft
+from sam_peft.baselines.adapters import BottleneckConfig, BottleneckModel
+from sam_peft.baselines.childpruning import ProjectionCallback
 from sam_peft.baselines.common import body_parameters, top_fraction_mask
 from sam_peft.baselines.diffpruning import DiffPruningCallback, attach_gated_diffs, bake
 from sam_peft.baselines.dps import DPSCallback
 from sam_peft.baselines.mixout import MixoutLinear, apply_mixout, remove_mixout
-from sam_peft.baselines.projection import ProjectionCallback
 from sam_peft.bench.glue import check_consistent, choose_lrs, run_key
 from sam_peft.bench.profiles import PROFILES
 from sam_peft.errors import ConfigError
@@ -51,25 +51,25 @@ def test_bottleneck_starts_as_the_base_model_and_trains_only_adapters_and_head()
     base = _bert()
     x = _batch()["input_ids"]
     reference = base(x).logits
-    model = get_peft_model(base, sam_peft.BottleneckConfig(task_type="SEQ_CLS"))
+    model = get_peft_model(base, BottleneckConfig(task_type="SEQ_CLS"))
     assert torch.equal(model(x).logits, reference)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("bottleneck_" in n or "classifier" in n for n in trainable)
-    adapted = [n for n, m in model.named_modules() if isinstance(m, sam_peft.BottleneckModel.tuner_layer_cls)]
+    adapted = [n for n, m in model.named_modules() if isinstance(m, BottleneckModel.tuner_layer_cls)]
     assert len(adapted) == 4  # houlsby: attention output and FFN output of 2 layers
     assert all(n.endswith(("attention.output.dense", ".output.dense")) for n in adapted)
 
 
 def test_bottleneck_pfeiffer_places_one_adapter_per_layer_and_sizes_the_bottleneck():
-    model = get_peft_model(_bert(), sam_peft.BottleneckConfig(placement="pfeiffer", reduction_factor=8,
+    model = get_peft_model(_bert(), BottleneckConfig(placement="pfeiffer", reduction_factor=8,
                                                               task_type="SEQ_CLS"))
-    layers = [m for m in model.modules() if isinstance(m, sam_peft.BottleneckModel.tuner_layer_cls)]
+    layers = [m for m in model.modules() if isinstance(m, BottleneckModel.tuner_layer_cls)]
     assert len(layers) == 2
     assert layers[0].bottleneck_down["default"].out_features == 32 // 8
 
 
 def test_bottleneck_save_load_round_trip_and_unmergeable(tmp_path):
-    model = get_peft_model(_bert(), sam_peft.BottleneckConfig(task_type="SEQ_CLS"))
+    model = get_peft_model(_bert(), BottleneckConfig(task_type="SEQ_CLS"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
         _step(model, optimizer, _batch())
@@ -83,14 +83,14 @@ def test_bottleneck_save_load_round_trip_and_unmergeable(tmp_path):
     with pytest.raises(NotImplementedError, match="cannot be merged"):
         loaded.merge_and_unload()
     plain = loaded.unload()  # the adapters go; the trained head stays
-    assert not any(isinstance(m, sam_peft.BottleneckModel.tuner_layer_cls) for m in plain.modules())
+    assert not any(isinstance(m, BottleneckModel.tuner_layer_cls) for m in plain.modules())
     assert torch.equal(plain.bert(x).last_hidden_state, _bert().bert(x).last_hidden_state)
 
 
 @pytest.mark.parametrize("kwargs", [{"placement": "middle"}, {"non_linearity": "cube"}, {"reduction_factor": 0}])
 def test_bottleneck_config_errors(kwargs):
     with pytest.raises(ConfigError):
-        sam_peft.BottleneckConfig(**kwargs)
+        BottleneckConfig(**kwargs)
 
 
 # ---------------------------------------------------------------- mixout

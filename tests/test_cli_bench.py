@@ -163,7 +163,7 @@ def test_projection_curve_from_a_reprojection_run(tmp_path, data_dir, tiny_model
     assert curve["steps"] == [1, 2, 3, 4, 5, 6] and curve["projections"] == [2, 4, 6]
     assert all(loss > 0 for loss in curve["task_loss"])  # the L0 penalty is taken out, the task loss stays
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from sam_peft.bench.projection import write_projection_curve
+    from sam_peft.bench.reprojection import write_projection_curve
 
     _train(tmp_path / "plain", data_dir, tiny_model, "rte", method="diffpruning")  # no --reproject-every
     with pytest.raises(ValueError, match="reproject"):

@@ -36,8 +36,8 @@ from transformers import (
 )
 
 import sam_peft
-from sam_peft.functional import BlockStructure, sparse_delta_embedding, sparse_delta_matmul
-from sam_peft.topk import topk_global, topk_per_tensor
+from sam_peft.selection.topk import topk_global, topk_per_tensor
+from sam_peft.tuner.ops import BlockStructure, sparse_delta_embedding, sparse_delta_matmul
 
 VOCAB, HIDDEN, SEQ, BATCH = 100, 32, 8, 2
 PREFIX = "base_model.model."
@@ -717,7 +717,7 @@ def test_embedding_padding_row_entries_in_model():
     """BERT word embeddings (padding_idx=0) with entries forced into the padding row."""
     pm, base = make_peft(BERT)
     layer = pm.get_submodule(PREFIX + "bert.embeddings.word_embeddings")
-    assert isinstance(layer, sam_peft.layer.SparseDiffEmbedding) and layer.get_base_layer().padding_idx == 0
+    assert isinstance(layer, sam_peft.tuner.layer.SparseDiffEmbedding) and layer.get_base_layer().padding_idx == 0
     inputs = make_inputs(BERT)
     present = int(inputs["input_ids"][0, 0])
     absent = next(r for r in range(1, VOCAB) if r not in inputs["input_ids"])
@@ -824,7 +824,7 @@ def _tied_scores(seed: int) -> list[tuple[str, torch.Tensor]]:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_topk_global_matches_stable_sort(seed, chunk, monkeypatch):
     if chunk is not None:
-        monkeypatch.setattr(sam_peft.topk, "CHUNK", chunk)
+        monkeypatch.setattr(sam_peft.selection.topk, "CHUNK", chunk)
     named = _tied_scores(seed)
     total = sum(s.numel() for _, s in named)
     for k in range(total + 1):

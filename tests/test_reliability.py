@@ -3,11 +3,12 @@ hypothesis fuzzing of the saved files), a bit-identical resume after a crash (re
 into half-precision bases.
 
 Every safetensors file sam-peft writes (the peft adapter file and a `SparseDelta` file) carries checksums in its
-metadata (`sam_peft.io.CHECKSUM_KEY`: a digest of every tensor's name, dtype, shape and bytes, and one of the rest
-of the metadata), verified on load before anything else. Files without that key (written by another tool) get only
-the structural checks (indices in range and sorted, dtypes, lengths, finite values, counts, the head's shape, dtype
-and finiteness). The structural tests therefore rewrite files without the checksum (`without_checksum`), so the
-structural checks, not the checksum, are what they exercise; the checksum tests keep it.
+metadata (`sam_peft.storage.io.CHECKSUM_KEY`: a digest of every tensor's name, dtype, shape and bytes, and one of
+the rest of the metadata), verified on load before anything else. Files without that key (written by another tool)
+get only the structural checks (indices in range and sorted, dtypes, lengths, finite values, counts, the head's
+shape, dtype and finiteness). The structural tests therefore rewrite files without the checksum
+(`without_checksum`), so the structural checks, not the checksum, are what they exercise; the checksum tests keep
+it.
 
 Fuzzing oracle. A damaged file must either be refused with a `sam_peft.SamPeftError`, or load exactly what its
 bytes say, and only when those bytes still form a well-formed adapter (same tensors, shapes and dtype kinds, finite
@@ -49,8 +50,8 @@ from safetensors.torch import save as encode_safetensors
 from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
 
 import sam_peft
-from sam_peft.delta import METADATA_KEYS
-from sam_peft.io import CHECKSUM_KEY, checksums
+from sam_peft.storage.delta import METADATA_KEYS
+from sam_peft.storage.io import CHECKSUM_KEY, checksums
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB, HIDDEN, SEQ, BATCH = 100, 32, 8, 4

@@ -20,7 +20,8 @@ from safetensors import safe_open
 from transformers import BertConfig, BertForSequenceClassification
 
 import sam_peft
-from sam_peft.selection import per_tensor_budget, targets
+from sam_peft.selection.budget import per_tensor_budget
+from sam_peft.selection.targets import targets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPARSITY = 0.02

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..selection import per_tensor_budget
+from ..selection.budget import per_tensor_budget
 
 HEAD_MODULES = ("classifier", "score")
 

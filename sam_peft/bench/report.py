@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from ..io import write_text_atomic
+from ..storage.io import write_text_atomic
 from .glue import read_records
 
 TASK_ORDER = ("cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc")

@@ -7,7 +7,7 @@ import logging
 from transformers import TrainerCallback
 
 from .burnin import select_parameters
-from .selection import resolve_adapter, tuner_of
+from .targets import resolve_adapter, tuner_of
 
 logger = logging.getLogger(__name__)
 

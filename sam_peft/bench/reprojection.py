@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..io import write_text_atomic
+from ..storage.io import write_text_atomic
 
 
 def projection_curve(metrics: dict) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from types import SimpleNamespace
@@ -12,16 +11,15 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .config import FORMAT_VERSION, SparseDiffConfig
-from .errors import BaseModelMismatchError, ConfigError, DeltaFileError
-from .fingerprint import architecture_of, shapes_digest, weights_fingerprint
-from .layer import SparseDiffLayer, index_dtype, layer_class_for, own_parameters
-from .registration import PREFIX
+from ..errors import BaseModelMismatchError, ConfigError, DeltaFileError
+from ..storage.identity import ALLOW_MISMATCH_ENV, architecture_of, shapes_digest, weights_fingerprint
+from ..storage.validation import check_dense_entries, check_entries, index_dtype
+from .config import SparseDiffConfig
+from .entries import select_data_free
+from .layer import SparseDiffLayer, layer_class_for, own_parameters, tuner_targets
+from .peft_type import PREFIX
 
 logger = logging.getLogger(__name__)
-
-# Set SAM_PEFT_ALLOW_FINGERPRINT_MISMATCH=1 to load a delta on a base whose weights differ (shapes must match).
-ALLOW_MISMATCH_ENV = "SAM_PEFT_ALLOW_FINGERPRINT_MISMATCH"
 
 
 class SparseDiffModel(BaseTuner):
@@ -77,8 +75,6 @@ class SparseDiffModel(BaseTuner):
         config = self.peft_config[adapter_name]
         check_base_identity(self, config, adapter_name)
         if config.counts is None and config.is_data_free:
-            from .selection import select_data_free
-
             select_data_free(self, adapter_name)
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -169,12 +165,8 @@ def candidate_modules(model: nn.Module) -> tuple[set[str], set[int]]:
 
 # --------------------------------------------------------------------------- identity
 def target_parameters(tuner, adapter_name: str) -> dict[str, torch.Tensor]:
-    found = {}
-    for module in tuner.model.modules():
-        if isinstance(module, SparseDiffLayer) and adapter_name in module.sparsediff_values:
-            for attr, param in module.tuned_parameters().items():
-                found[f"{module.module_key}.{attr}"] = param
-    return found
+    """{base parameter name: parameter} of the adapter's targets."""
+    return {t.name: t.param for t in tuner_targets(tuner.model, adapter_name)}
 
 
 def base_identity(tuner, adapter_name: str) -> dict[str, str | None]:
@@ -230,20 +222,6 @@ def check_base_identity(tuner, config: SparseDiffConfig, adapter_name: str) -> N
         logger.warning(message)
 
 
-def identity_metadata(config: SparseDiffConfig) -> dict[str, str]:
-    """String metadata stored in the adapter's safetensors header."""
-    return {
-        "sam_peft_format": str(FORMAT_VERSION),
-        "base_architecture": config.base_architecture or "",
-        "base_fingerprint": config.base_fingerprint or "",
-        "base_shapes_digest": config.base_shapes_digest or "",
-        "selection": config.selection,
-        "allocation": config.allocation,
-        "sparsity": repr(config.sparsity),
-        "counts": json.dumps(config.counts or {}, sort_keys=True),
-    }
-
-
 # --------------------------------------------------------------------------- loading checks
 def load_entries(model: nn.Module, config: SparseDiffConfig, adapter_name: str, state_dict: dict) -> None:
     """Validate the loaded indices/values and size the layers to them (before peft copies them in).
@@ -280,45 +258,6 @@ def load_entries(model: nn.Module, config: SparseDiffConfig, adapter_name: str, 
                 module.set_entries(adapter_name, attr, state_dict[idx_key].long())
     check_dense_entries(model, state_dict)
     config.counts = counts
-
-
-def check_dense_entries(model: nn.Module, state_dict: dict) -> None:
-    """Refuse dense adapter tensors (the modules_to_save head) of the wrong shape or dtype, or non-finite."""
-    expected = model.state_dict()
-    for key, tensor in state_dict.items():
-        if ".sparsediff_" in key or key not in expected:
-            continue
-        target = expected[key]
-        if tensor.shape != target.shape:
-            raise DeltaFileError(f"'{key}' has shape {list(tensor.shape)} in the adapter file but "
-                                 f"{list(target.shape)} in the model; the head belongs to another task or model.")
-        if target.dtype.is_floating_point and not tensor.dtype.is_floating_point:
-            raise DeltaFileError(f"'{key}' is stored as {tensor.dtype} in the adapter file, not a float; the file "
-                                 "is corrupted.")
-        if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
-            raise DeltaFileError(f"'{key}' in the adapter file contains NaN or infinity; the head is broken.")
-
-
-def check_entries(name: str, indices: torch.Tensor, values: torch.Tensor, numel: int) -> None:
-    """Refuse malformed (indices, values) of one tensor with a `DeltaFileError` naming it."""
-    if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 1:
-        raise DeltaFileError(f"indices of '{name}' must be a 1-D int32/int64 tensor, got {indices.dtype} "
-                             f"with shape {list(indices.shape)}; the file is corrupted.")
-    if not values.dtype.is_floating_point or values.dim() != 1:
-        raise DeltaFileError(f"values of '{name}' must be a 1-D float tensor, got {values.dtype} "
-                             f"with shape {list(values.shape)}; the file is corrupted.")
-    if values.numel() != indices.numel():
-        raise DeltaFileError(f"'{name}' has {indices.numel()} indices but {values.numel()} values; "
-                             "the file is corrupted.")
-    if indices.numel():
-        if int(indices.min()) < 0 or int(indices.max()) >= numel:
-            raise DeltaFileError(f"indices of '{name}' fall outside [0, {numel}); the delta belongs to "
-                                 "another model or the file is corrupted.")
-        if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
-            raise DeltaFileError(f"indices of '{name}' are not strictly increasing (unsorted or duplicated); "
-                                 "the file is corrupted.")
-        if not bool(torch.isfinite(values).all()):
-            raise DeltaFileError(f"values of '{name}' contain NaN or infinity; the delta is broken.")
 
 
 def _state_key_prefix(model: nn.Module, layer: nn.Module) -> str:

@@ -1,14 +1,20 @@
-"""The identity of a base model: architecture, parameter names and shapes, and a fingerprint of its weights."""
+"""The identity of a base model (architecture, parameter names and shapes, a fingerprint of its weights) and the
+adapter format version: what every sam-peft file records about the base it belongs to."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 SAMPLES_PER_TENSOR = 4096
+FORMAT_VERSION = 1  # adapter format written by this sam-peft; newer versions are refused on load
+# Set SAM_PEFT_ALLOW_FINGERPRINT_MISMATCH=1 to load a delta on a base whose weights differ (shapes must match).
+ALLOW_MISMATCH_ENV = "SAM_PEFT_ALLOW_FINGERPRINT_MISMATCH"
 
 
 def _tensor_sample(tensor: torch.Tensor) -> bytes:
@@ -47,3 +53,21 @@ def shapes_digest(shapes: dict[str, list[int]]) -> str:
 def architecture_of(model: nn.Module) -> str:
     """The class name of a (transformers) model."""
     return type(model).__name__
+
+
+def identity_metadata(config: Any) -> dict[str, str]:
+    """String metadata of an adapter config (object or JSON dict): the base identity and the selection settings.
+
+    It goes in the safetensors header of adapter files and `SparseDelta` files alike.
+    """
+    get = config.get if isinstance(config, Mapping) else lambda key, default=None: getattr(config, key, default)
+    return {
+        "sam_peft_format": str(FORMAT_VERSION),
+        "base_architecture": get("base_architecture") or "",
+        "base_fingerprint": get("base_fingerprint") or "",
+        "base_shapes_digest": get("base_shapes_digest") or "",
+        "selection": str(get("selection") or ""),
+        "allocation": str(get("allocation") or ""),
+        "sparsity": repr(get("sparsity")),
+        "counts": json.dumps(get("counts") or {}, sort_keys=True),
+    }

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..selection.scores import DATA_FREE_SELECTIONS, SELECTIONS
+from ..storage.identity import FORMAT_VERSION, identity_metadata
+from ..storage.io import load_safetensors_checked, reseal_safetensors, write_text_atomic
+from .peft_type import PEFT_TYPE
 
 logger = logging.getLogger(__name__)
 
-SELECTIONS = ("sam", "fisher", "sam_hessian", "magnitude", "random", "bitfit")
-DATA_FREE_SELECTIONS = ("magnitude", "random", "bitfit")
 ALLOCATIONS = ("per_tensor", "global")
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -89,8 +93,6 @@ class SparseDiffConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from .registration import PEFT_TYPE
-
         self.peft_type = PEFT_TYPE
         self._validate()
         if isinstance(self.target_modules, list):
@@ -129,21 +131,31 @@ class SparseDiffConfig(PeftConfig):
                 raise ConfigError(f"counts must be non-negative integers; got {bad}. Re-save the adapter.")
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """Write `adapter_config.json` atomically (same content as peft's writer)."""
-        import json
-        import os
+        """Write `adapter_config.json` atomically (same content as peft's writer).
 
-        from peft.utils import CONFIG_NAME
-
-        from .io import write_text_atomic
-
+        peft calls this right after writing the adapter's weights into the same directory; the weights file is
+        then re-written atomically with the base identity and checksums in its header (sam-peft adapters only).
+        """
         if os.path.isfile(save_directory):
             raise ConfigError(f"{save_directory} is a file; save_pretrained needs a directory path.")
         output = self.to_dict()
         auto_mapping = kwargs.pop("auto_mapping_dict", None)
         if auto_mapping is not None:
             output["auto_mapping"] = auto_mapping
+        weights = os.path.join(save_directory, SAFETENSORS_WEIGHTS_NAME)
+        if os.path.isfile(weights):
+            reseal_safetensors(weights, identity_metadata(self))
         write_text_atomic(os.path.join(save_directory, CONFIG_NAME), json.dumps(output, indent=2, sort_keys=True))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs):
+        """peft's loader, plus: a local weights file beside the config must match the checksums it was written with."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        weights = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
+        if os.path.isfile(weights):
+            load_safetensors_checked(weights)
+        return config
 
     @property
     def is_data_free(self) -> bool:

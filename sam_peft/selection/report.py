@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .selection import layer_and_kind, targets
+from .targets import layer_and_kind, targets
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -12,13 +13,12 @@ import torch
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from .config import FORMAT_VERSION
-from .errors import BaseModelMismatchError, DeltaFileError
-from .fingerprint import weights_fingerprint
+from ..errors import BaseModelMismatchError, DeltaFileError
+from ..selection.targets import resolve_adapter, targets, tuner_of
+from .identity import ALLOW_MISMATCH_ENV, FORMAT_VERSION, identity_metadata, weights_fingerprint
 from .io import load_safetensors_checked, save_safetensors_atomic
-from .model import ALLOW_MISMATCH_ENV, check_entries
 from .packing import flat_view
-from .selection import resolve_adapter, targets, tuner_of
+from .validation import check_entries, index_dtype
 
 DELTA_FILE_KIND = "sam-peft-sparse-delta"
 # model -> {parameter names: (fingerprint, their versions)} for states whose fingerprint was computed; a later
@@ -62,11 +62,7 @@ class SparseDelta:
             if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
                 for pname, param in module.modules_to_save[adapter_name].named_parameters():
                     dense[f"{name}.{pname}"] = param.detach().cpu().clone()
-        metadata = {
-            "base_architecture": config.base_architecture or "",
-            "base_fingerprint": config.base_fingerprint or "",
-            "selection": config.selection, "allocation": config.allocation, "sparsity": repr(config.sparsity),
-        }
+        metadata = {k: v for k, v in identity_metadata(config).items() if k in METADATA_KEYS}
         return cls(entries, shapes, dense, metadata)
 
     @property
@@ -221,10 +217,7 @@ class SparseDelta:
         path = Path(path)
         tensors = {}
         for name, (indices, values) in self.entries.items():
-            numel = 1
-            for dim in self.shapes[name]:
-                numel *= dim
-            tensors[f"sparse.{name}.indices"] = indices.to(torch.int32 if numel < 2**31 else torch.int64)
+            tensors[f"sparse.{name}.indices"] = indices.to(index_dtype(math.prod(self.shapes[name])))
             tensors[f"sparse.{name}.values"] = values.float()
         for name, tensor in self.dense.items():
             tensors[f"dense.{name}"] = tensor

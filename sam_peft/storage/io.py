@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from .errors import DeltaFileError
+from ..errors import DeltaFileError
 
 
 @contextlib.contextmanager
@@ -137,3 +137,10 @@ def load_safetensors_checked(path: str | os.PathLike) -> tuple[dict[str, torch.T
         ) from exc
     verify_checksums(path, tensors, metadata)
     return tensors, metadata
+
+
+def reseal_safetensors(path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Re-write a safetensors file atomically with `metadata` added to its header and checksums of everything."""
+    tensors, existing = load_safetensors_checked(path)
+    existing.pop(CHECKSUM_KEY, None)
+    save_safetensors_atomic(tensors, path, metadata={**existing, **metadata})

@@ -14,10 +14,12 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import ConfigError, SelectionError
+from ..errors import ConfigError, SelectionError
+from ..tuner.entries import install, select_data_free
+from .budget import choose
 from .report import SelectionReport
-from .scores import fisher_scores, sam_hessian_scores, sam_scores
-from .selection import Target, choose, install, resolve_adapter, select_data_free, targets, tuner_of
+from .scores import SELECTIONS, SIGNALS
+from .targets import Target, resolve_adapter, targets, tuner_of
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +72,6 @@ def select_parameters(
     adapter_name = resolve_adapter(tuner, adapter_name)
     config = tuner.peft_config[adapter_name]
     if selection is not None:
-        from .config import SELECTIONS
-
         if selection not in SELECTIONS:
             raise ConfigError(f"selection={selection!r} is unknown; choose one of {list(SELECTIONS)}.")
         config.selection = selection
@@ -182,13 +182,8 @@ def _accumulate(model, found, dataloader, num_steps, selection, stats, *, per_ex
                 progress) -> int:
     device = found[0].param.device
     for t in found:
-        shape = t.param.shape
-        if selection in ("sam", "sam_hessian"):
-            stats.grad_sum[t.name] = torch.zeros(shape, dtype=torch.float32, device=device)
-        if selection == "fisher":
-            stats.grad_sq_sum[t.name] = torch.zeros(shape, dtype=torch.float32, device=device)
-        if selection == "sam_hessian":
-            stats.hessian_sum[t.name] = torch.zeros(shape, dtype=torch.float32, device=device)
+        for kind in SIGNALS[selection].statistics:
+            getattr(stats, kind)[t.name] = torch.zeros(t.param.shape, dtype=torch.float32, device=device)
     batches, total = _batches(dataloader, num_steps)
     steps = 0
     if selection == "sam_hessian":
@@ -260,8 +255,5 @@ def _all_reduce(stats: _Statistics) -> None:
 
 
 def _score(selection: str, stats: _Statistics, name: str) -> torch.Tensor:
-    if selection == "sam":
-        return sam_scores(stats.grad_sum.pop(name))
-    if selection == "fisher":
-        return fisher_scores(stats.grad_sq_sum.pop(name))
-    return sam_hessian_scores(stats.grad_sum.pop(name), stats.hessian_sum.pop(name))
+    signal = SIGNALS[selection]
+    return signal.score(**{kind: getattr(stats, kind).pop(name) for kind in signal.statistics})

@@ -4,6 +4,7 @@ sorted flat `indices` (an integer buffer) and trainable `values` (a 1-D float32 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,14 +13,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
 
-from .functional import BlockStructure, compose, matmul, sparse_delta_embedding, sparse_delta_matmul
+from ..selection.budget import default_count
+from ..storage.validation import index_dtype
+from .ops import BlockStructure, compose, matmul, sparse_delta_embedding, sparse_delta_matmul
 
 VALUES_DTYPE = torch.float32
-
-
-def index_dtype(numel: int) -> torch.dtype:
-    """int32 for tensors with fewer than 2**31 entries, int64 otherwise."""
-    return torch.int32 if numel < 2**31 else torch.int64
 
 
 def own_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -59,8 +57,6 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, config) -> None:
         """Create the (placeholder) delta of a new adapter; sizes come from `config.counts` when known."""
-        from .selection import default_count
-
         values, indices = nn.ParameterDict(), BufferDict(persistent=True)
         for name, param in self.tuned_parameters().items():
             full_name = f"{self.module_key}.{name}"
@@ -255,3 +251,26 @@ def layer_class_for(module: nn.Module) -> type[SparseDiffLayer]:
     if isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq:
         return SparseDiffEmbedding
     return SparseDiffLayer
+
+
+@dataclass(frozen=True)
+class Target:
+    """One targeted base parameter: its name in the base model, the layer wrapping it and its own name there."""
+
+    name: str
+    layer: SparseDiffLayer
+    attr: str
+
+    @property
+    def param(self) -> nn.Parameter:
+        return own_parameters(self.layer.get_base_layer())[self.attr]
+
+
+def tuner_targets(root: nn.Module, adapter_name: str) -> list[Target]:
+    """The base parameters that carry a delta of `adapter_name` under `root`, in module order."""
+    return [
+        Target(f"{module.module_key}.{attr}", module, attr)
+        for module in root.modules()
+        if isinstance(module, SparseDiffLayer) and adapter_name in module.sparsediff_values
+        for attr in module.sparsediff_values[adapter_name]
+    ]

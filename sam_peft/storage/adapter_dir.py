@@ -8,17 +8,26 @@ from pathlib import Path
 
 import torch
 
-from .errors import DeltaFileError
+from ..errors import DeltaFileError
+from ..selection.targets import layer_and_kind
+from .delta import METADATA_KEYS, SparseDelta
+from .identity import identity_metadata
 from .io import load_safetensors_checked
-from .selection import layer_and_kind
+from .validation import check_entries
 
 PEFT_PREFIX = "base_model.model."
 
 
+def resolve_adapter_dir(path: str | Path) -> Path:
+    """The adapter directory itself, or the `adapter/` folder inside the output directory of `sam-peft train`."""
+    path = Path(path)
+    if (path / "adapter").is_dir() and not (path / "adapter_config.json").exists():
+        return path / "adapter"
+    return path
+
+
 def _read(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, str], Path]:
-    adapter_dir = Path(adapter_dir)
-    if (adapter_dir / "adapter").is_dir() and not (adapter_dir / "adapter_config.json").exists():
-        adapter_dir = adapter_dir / "adapter"  # the output directory of `sam-peft train`
+    adapter_dir = resolve_adapter_dir(adapter_dir)
     config_path = adapter_dir / "adapter_config.json"
     if not config_path.is_file():
         raise DeltaFileError(f"{config_path} not found; pass a directory written by save_pretrained or sam-peft train.")
@@ -80,9 +89,6 @@ def adapter_summary(adapter_dir: str | Path) -> dict:
 
 def delta_from_adapter_dir(adapter_dir: str | Path):
     """A `SparseDelta` (sparse entries + dense head) from a saved sam-peft adapter directory."""
-    from .delta import SparseDelta
-    from .model import check_entries
-
     config, tensors, _, _ = _read(adapter_dir)
     sparse, dense = split_entries(tensors)
     entries = {}
@@ -91,6 +97,5 @@ def delta_from_adapter_dir(adapter_dir: str | Path):
             raise DeltaFileError(f"adapter file lacks the indices or values of '{name}'.")
         check_entries(name, parts["indices"], parts["values"], 2**62)
         entries[name] = (parts["indices"].long(), parts["values"].float())
-    metadata = {"base_architecture": config.get("base_architecture") or "",
-                "base_fingerprint": config.get("base_fingerprint") or ""}
+    metadata = {k: v for k, v in identity_metadata(config).items() if k in METADATA_KEYS}
     return SparseDelta(entries, {}, dense, metadata)

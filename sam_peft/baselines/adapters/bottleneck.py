@@ -7,8 +7,8 @@ projections of every transformer layer (two adapters per layer); "pfeiffer" only
 (one per layer). The adapter sits on the projection's output, before its dropout and the residual LayerNorm.
 
 AdapterHub (the library the paper used) requires transformers 4.x, so this small tuner stands in for it:
-`get_peft_model(model, BottleneckConfig(placement="houlsby"))` after `import sam_peft`. Adapters are
-non-linear: they cannot be merged into the base weights (merge raises; `unload()` removes them).
+`get_peft_model(model, BottleneckConfig(placement="houlsby"))`; importing this module registers it with peft.
+Adapters are non-linear: they cannot be merged into the base weights (merge raises; `unload()` removes them).
 """
 
 from __future__ import annotations
@@ -19,12 +19,15 @@ from dataclasses import dataclass, field
 import torch
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import register_peft_method
 from torch import nn
 
-from .errors import ConfigError
+from ...errors import ConfigError
+from ...tuner.peft_type import extend_peft_type
 
 METHOD_NAME = "bottleneck"
 PREFIX = METHOD_NAME + "_"
+BOTTLENECK_PEFT_TYPE = extend_peft_type(METHOD_NAME)
 PLACEMENTS = {
     # Module names of BERT-family encoders (BERT, RoBERTa, ...): attention output and FFN output projections.
     "houlsby": r".*\.layer\.\d+\.(attention\.output|output)\.dense$",
@@ -55,8 +58,6 @@ class BottleneckConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from .registration import BOTTLENECK_PEFT_TYPE
-
         self.peft_type = BOTTLENECK_PEFT_TYPE
         if self.placement not in PLACEMENTS:
             raise ConfigError(f"placement={self.placement!r} is unknown; use one of {sorted(PLACEMENTS)}.")
@@ -147,3 +148,13 @@ class BottleneckModel(BaseTuner):
 
     def _check_merge_allowed(self):
         raise NotImplementedError("bottleneck adapters are non-linear and cannot be merged; use unload().")
+
+
+def _register() -> None:
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    if BOTTLENECK_PEFT_TYPE not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        register_peft_method(name=METHOD_NAME, config_cls=BottleneckConfig, model_cls=BottleneckModel, prefix=PREFIX)
+
+
+_register()

@@ -1,0 +1,60 @@
+"""`sam-peft bench`: the reproduction harness (glue runs, reports, the Fig. 3 curve)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..bench.profiles import PROFILES
+
+
+def add_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="reproduction harness").add_subparsers(dest="bench", required=True)
+    glue = bench.add_parser("glue", help="run (or resume) a profile: smoke, quick, paper or sweep")
+    glue.add_argument("--profile", default="quick", choices=list(PROFILES),
+                      help="smoke (tests), quick (2-core CPU, ~2 h), lrgrid (learning-rate search), paper, "
+                           "perturb (Table 2), sweep (Fig. 5)")
+    glue.add_argument("--name", help="results file name (default: the profile name)")
+    glue.add_argument("--results-dir", default="benchmarks/results")
+    glue.add_argument("--data-dir", help="directory of the official task files (default: the hub)")
+    glue.add_argument("--model", help="base model (default: the packaged all-MiniLM-L6-v2)")
+    glue.add_argument("--jobs", type=int, default=1, help="parallel runs (at most the number of cores)")
+    glue.add_argument("--tasks", nargs="+", help="only these tasks")
+    glue.add_argument("--methods", nargs="+", help="only these methods")
+    glue.add_argument("--max-runs", type=int, help="stop after this many new runs (run a profile in parts)")
+    glue.add_argument("--lrs-from", help="results file of the lrgrid profile: use each method's chosen learning rate")
+    glue.set_defaults(func=run_glue)
+    report = bench.add_parser("report", help="tables and plots from results files")
+    report.add_argument("results", nargs="+", help="results .jsonl files")
+    report.add_argument("--output", default="docs/benchmarks-report.md")
+    report.set_defaults(func=run_report)
+    projection = bench.add_parser("projection", help="Fig. 3 curve from a diffpruning run with --reproject-every")
+    projection.add_argument("run", help="output directory of the run")
+    projection.add_argument("--json", default="benchmarks/results/projection.json")
+    projection.add_argument("--png", default="docs/images/projection.png")
+    projection.set_defaults(func=run_projection)
+
+
+def run_glue(args: argparse.Namespace) -> int:
+    from ..bench.glue import run_profile
+
+    path = run_profile(args.profile, name=args.name, results_dir=args.results_dir, model=args.model,
+                       data_dir=args.data_dir, jobs=args.jobs, tasks=args.tasks, methods=args.methods,
+                       max_runs=args.max_runs, lrs_from=args.lrs_from, command="sam-peft " + " ".join(sys.argv[1:]))
+    print(f"results in {path}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from ..bench.report import write_report
+
+    print(f"report written to {write_report(args.results, args.output)}")
+    return 0
+
+
+def run_projection(args: argparse.Namespace) -> int:
+    from ..bench.reprojection import write_projection_curve
+
+    curve = write_projection_curve(args.run, args.json, args.png)
+    print(f"{len(curve['steps'])} logged steps, projections at {curve['projections']}: {args.json}, {args.png}")
+    return 0

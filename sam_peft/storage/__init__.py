@@ -1,0 +1,1 @@
+"""Files and identity: base fingerprints, validation, safetensors I/O, `SparseDelta`, packing, adapter directories."""
