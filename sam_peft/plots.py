@@ -5,19 +5,34 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from .selection.targets import layer_and_kind  # noqa: E402
+from .selection.targets import layer_and_kind
+from .storage.io import atomic_path
 
 
-def _save(fig, path: Path) -> None:
-    from .storage.io import atomic_path
+def subplots(*args, **kwargs):
+    """`matplotlib.pyplot.subplots` on the headless Agg backend; every plot of the package starts here.
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    matplotlib is imported on the first plot, so importing a module that can plot costs nothing until it does.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_png(fig, path: str | Path, *, tight_layout: bool = False) -> None:
+    """Write `fig` as a 120-dpi PNG atomically (a reader never sees half a file) and close it.
+
+    `tight_layout`: lay the axes out with `fig.tight_layout()`; otherwise the saved box is cropped to the content.
+    """
+    import matplotlib.pyplot as plt
+
+    if tight_layout:
+        fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, **({} if tight_layout else {"bbox_inches": "tight"}))
     plt.close(fig)
 
 
@@ -32,21 +47,21 @@ def plot_selection_heatmap(counts: dict[str, int], numels: dict[str, int], path:
     kinds = sorted({kind for _, kind in cells})
     grid = [[(cells[(ly, k)][0] / cells[(ly, k)][1] * 100) if cells[(ly, k)][1] else float("nan") for k in kinds]
             for ly in layers]
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(kinds) + 2), max(3, 0.4 * len(layers) + 1.5)))
+    fig, ax = subplots(figsize=(max(6, 0.45 * len(kinds) + 2), max(3, 0.4 * len(layers) + 1.5)))
     image = ax.imshow(grid, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(kinds)), kinds, rotation=70, ha="right", fontsize=7)
     ax.set_yticks(range(len(layers)), layers, fontsize=8)
     ax.set_ylabel("layer")
     ax.set_title(title or "selected entries")
     fig.colorbar(image, ax=ax, label="% of entries selected")
-    _save(fig, Path(path))
+    save_png(fig, path)
 
 
 def plot_training_curve(log_history: list[dict], path: str | Path, title: str = "") -> None:
     """Training loss and the dev-split primary metric against the step."""
     loss = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
     dev = [(e["step"], e["eval_primary"]) for e in log_history if "eval_primary" in e]
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig, ax = subplots(figsize=(6.5, 3.8))
     if loss:
         ax.plot(*zip(*loss), color="tab:blue", label="training loss")
     ax.set_xlabel("step")
@@ -56,4 +71,4 @@ def plot_training_curve(log_history: list[dict], path: str | Path, title: str = 
         twin.plot(*zip(*dev), "o-", color="tab:orange", label="dev primary")
         twin.set_ylabel("dev metric (0-100)", color="tab:orange")
     ax.set_title(title or "training curve")
-    _save(fig, Path(path))
+    save_png(fig, path)

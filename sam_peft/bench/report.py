@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from ..plots import save_png, subplots
 from ..storage.io import write_text_atomic
 from .glue import read_records
 
@@ -136,13 +137,8 @@ def lr_grid_table(records: list[dict]) -> str:
 
 
 def _plot_methods(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     order = sorted(summary, key=lambda m: -summary[m]["mean"])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = subplots(1, 2, figsize=(11, 4))
     left.bar(order, [summary[m]["mean"] for m in order], yerr=[summary[m]["std"] for m in order], capsize=4)
     left.set_ylabel("mean primary metric over tasks (0-100)")
     left.set_title("performance (error bar: std over seeds)")
@@ -153,19 +149,12 @@ def _plot_methods(summary: dict, path: Path) -> None:
     right.set_xlabel("stability rank (1 = lowest std)")
     right.set_ylabel("performance rank (1 = best)")
     right.set_title("stability vs performance (Fig. 4)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path, tight_layout=True)
 
 
 def _plot_sweep(data: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ps = sorted(data)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     ax.errorbar(ps, [data[p][0] for p in ps], yerr=[data[p][1] for p in ps], marker="o", capsize=3, label="dev")
     ax.errorbar(ps, [data[p][2] for p in ps], yerr=[data[p][3] for p in ps], marker="s", capsize=3, label="train")
     ax.set_xscale("log")
@@ -173,9 +162,7 @@ def _plot_sweep(data: dict, path: Path) -> None:
     ax.set_ylabel("primary metric (0-100)")
     ax.legend()
     ax.set_title("SAM: performance against sparsity (Fig. 5)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path, tight_layout=True)
 
 
 def _provenance(records: list[dict]) -> str:

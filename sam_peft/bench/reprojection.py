@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..plots import save_png, subplots
 from ..storage.io import write_text_atomic
 
 
@@ -28,21 +29,14 @@ def projection_curve(metrics: dict) -> dict:
 
 
 def plot_projection_curve(curve: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = subplots(figsize=(7, 3.5))
     ax.plot(curve["steps"], curve["task_loss"], linewidth=1)
     for step in curve["projections"]:
         ax.axvline(step, color="red", linestyle=":", linewidth=1)
     ax.set_xlabel("training step (red: the diff is projected)")
     ax.set_ylabel("training loss (task)")
     ax.set_title(f"DiffPruning on {curve['task']}: re-projection every {curve['reproject_every']} steps (Fig. 3)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path, tight_layout=True)
 
 
 def write_projection_curve(run_dir: str, json_path: str, png_path: str) -> dict:
