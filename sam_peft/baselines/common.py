@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..selection.budget import per_tensor_budget
+from ..selection.topk import topk_per_tensor
 
 HEAD_MODULES = ("classifier", "score")
 
@@ -25,11 +26,14 @@ def body_parameters(model: nn.Module, head_modules: tuple[str, ...] = HEAD_MODUL
 
 
 def top_fraction_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
-    """A boolean mask (shape of `scores`) of the floor(fraction·numel) largest scores (ties broken arbitrarily)."""
+    """A boolean mask (shape of `scores`) of the floor(fraction·numel) largest scores.
+
+    The same budget and exact top-k as SAM's selection (`sam_peft.selection.budget`, `.topk`): among equal
+    scores the lower flat index wins, and non-finite scores are refused.
+    """
     k = per_tensor_budget(fraction, scores.numel())
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        mask[torch.topk(scores.detach().reshape(-1), k, sorted=False).indices] = True
+    mask[topk_per_tensor([("scores", scores)], {"scores": k})["scores"]] = True
     return mask.view_as(scores)
 
 
