@@ -1,5 +1,6 @@
 """Adapter tuners of the baselines, registered with peft when their module is imported."""
 
 from .bottleneck import BottleneckConfig, BottleneckModel
+from .unified import AdapterConfig, MAMConfig, PrefixConfig, UnifiedModel
 
-__all__ = ["BottleneckConfig", "BottleneckModel"]
+__all__ = ["AdapterConfig", "BottleneckConfig", "BottleneckModel", "MAMConfig", "PrefixConfig", "UnifiedModel"]
