@@ -17,17 +17,52 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .selection.scores import SELECTIONS
+from .selection.scores import SELECTIONS, SIGNALS
 from .tuner import SparseDiffConfig
 
 # Default learning rates: 1e-3 for the parameter-efficient methods and 5e-5 for the dense ones (the best of
 # small probes on RTE's held-out split, docs/results.md); benchmarks choose theirs on a grid.
-DEFAULT_LRS = {
-    "sam": 1e-3, "fisher": 1e-3, "sam_hessian": 1e-3, "magnitude": 1e-3, "random": 1e-3, "bitfit": 1e-3,
-    "lora": 1e-3, "adapter": 1e-3, "diffpruning": 1e-3, "childpruning": 5e-5,
-    "full": 5e-5, "mixout": 5e-5, "dps": 5e-5,
+EFFICIENT_LR, DENSE_LR = 1e-3, 5e-5
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method of the training path, as the CLI, the training settings and the benchmark profiles see it."""
+
+    name: str
+    family: str  # "sparse delta" (a sam-peft adapter), "peft" (another peft adapter) or "dense"
+    lr: float  # default learning rate
+    sparse: bool = False  # tunes a fraction p of the weights (p is recorded per run; the sweep varies it)
+    paper: bool = True  # one of the 12 methods of the paper's comparison (Table 1)
+
+
+# The one list of methods: the sparse deltas are the selection signals (`sam_peft.selection.scores.SIGNALS`).
+REGISTRY: dict[str, Method] = {
+    method.name: method
+    for method in (
+        *(Method(name, "sparse delta", EFFICIENT_LR, sparse=SIGNALS[name].budgeted, paper=name != "sam_hessian")
+          for name in SELECTIONS),
+        Method("lora", "peft", EFFICIENT_LR),
+        Method("adapter", "peft", EFFICIENT_LR),
+        Method("full", "dense", DENSE_LR),
+        Method("mixout", "dense", DENSE_LR),
+        Method("childpruning", "dense", DENSE_LR, sparse=True),
+        Method("diffpruning", "dense", EFFICIENT_LR, sparse=True),
+        Method("dps", "dense", DENSE_LR),
+    )
 }
-METHODS = tuple(DEFAULT_LRS)
+METHODS = tuple(REGISTRY)
+DEFAULT_LRS = {name: method.lr for name, method in REGISTRY.items()}
+SPARSE_METHODS = tuple(name for name, method in REGISTRY.items() if method.sparse)
+PAPER_METHODS = tuple(name for name, method in REGISTRY.items() if method.paper)
+
+
+def describe_methods() -> str:
+    """The methods by family, for help texts: "sparse delta: sam, fisher, ...; peft: ...; dense: ..."."""
+    families: dict[str, list[str]] = {}
+    for method in REGISTRY.values():
+        families.setdefault(method.family, []).append(method.name)
+    return "; ".join(f"{family}: {', '.join(names)}" for family, names in families.items())
 
 
 @dataclass

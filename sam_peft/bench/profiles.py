@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..methods import DEFAULT_LRS
+from ..methods import DEFAULT_LRS, DENSE_LR, PAPER_METHODS, SPARSE_METHODS
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,9 @@ class Profile:
         return out
 
 
-# Methods with a sparsity p (recorded per run; the sweep varies it).
-SPARSE_METHODS = ("sam", "fisher", "random", "magnitude", "sam_hessian", "childpruning", "diffpruning")
 SEVEN_TASKS = ("cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc")
 QUICK_METHODS = ("full", "sam", "fisher", "random", "bitfit", "magnitude", "lora")
-ALL_METHODS = ("full", "sam", "fisher", "random", "mixout", "bitfit", "magnitude", "lora", "adapter", "diffpruning",
-               "childpruning", "dps")
+ALL_METHODS = PAPER_METHODS  # the paper's 12 (`sam_peft.methods.REGISTRY`; methods with a sparsity p: SPARSE_METHODS)
 # Learning rates for quick and sweep: `sam_peft.methods.DEFAULT_LRS` (sam 1e-3 and full 5e-5 were the best on RTE's
 # held-out 10 % split in a small probe, docs/results.md; the other parameter-efficient methods share SAM's, the
 # other dense ones full fine-tuning's).
@@ -51,7 +48,7 @@ PAPER_SETTINGS = {"epochs": 10, "batch_size": 16, "max_length": 128, "patience":
 # usual 2e-5..1e-4, parameter-efficient ones around 1e-4..3e-3.
 DENSE_GRID = (2e-5, 5e-5, 1e-4)
 EFFICIENT_GRID = (1e-4, 5e-4, 2e-3)
-LR_GRID = {m: DENSE_GRID if m in ("full", "mixout", "dps", "childpruning") else EFFICIENT_GRID for m in ALL_METHODS}
+LR_GRID = {m: DENSE_GRID if DEFAULT_LRS[m] == DENSE_LR else EFFICIENT_GRID for m in ALL_METHODS}
 
 PROFILES = {
     "smoke": Profile(

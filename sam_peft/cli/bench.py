@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..bench.profiles import PROFILES
+from ..methods import METHODS, describe_methods
 
 
 def add_parser(sub) -> None:
@@ -20,7 +21,8 @@ def add_parser(sub) -> None:
     glue.add_argument("--model", help="base model (default: the packaged all-MiniLM-L6-v2)")
     glue.add_argument("--jobs", type=int, default=1, help="parallel runs (at most the number of cores)")
     glue.add_argument("--tasks", nargs="+", help="only these tasks")
-    glue.add_argument("--methods", nargs="+", help="only these methods")
+    glue.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
+                      help="only these methods: " + describe_methods())
     glue.add_argument("--max-runs", type=int, help="stop after this many new runs (run a profile in parts)")
     glue.add_argument("--lrs-from", help="results file of the lrgrid profile: use each method's chosen learning rate")
     glue.set_defaults(func=run_glue)

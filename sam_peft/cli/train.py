@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..methods import METHODS
+from ..methods import DENSE_LR, EFFICIENT_LR, METHODS, describe_methods
 from .common import print_table
 
 
@@ -16,14 +16,14 @@ def add_parser(sub) -> None:
     train.add_argument("--model", help="local path or hub id (default: the packaged all-MiniLM-L6-v2)")
     train.add_argument("--data-dir", help="directory of the official task files (default: the Hugging Face hub)")
     train.add_argument("--method", default="sam", choices=list(METHODS),
-                       help="sparse deltas: sam, fisher, sam_hessian, magnitude, random, bitfit; peft: lora, adapter; "
-                            "dense: full, mixout, childpruning, diffpruning, dps (see docs/baselines.md)")
+                       help=describe_methods() + " (see docs/baselines.md)")
     train.add_argument("--sparsity", type=float, default=0.005, help="fraction of parameters tuned (0.005 = 0.5 %%)")
     train.add_argument("--allocation", default="per_tensor", choices=["per_tensor", "global"])
     train.add_argument("--burn-in-steps", type=int, help="burn-in batches (default: the paper's, capped at one epoch)")
     train.add_argument("--epochs", type=float, default=3.0)
     train.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
-    train.add_argument("--lr", type=float, help="learning rate (default: 1e-3 parameter-efficient, 5e-5 dense)")
+    train.add_argument("--lr", type=float,
+                       help=f"learning rate (default: {EFFICIENT_LR:g} parameter-efficient, {DENSE_LR:g} dense)")
     train.add_argument("--batch-size", type=int, default=16)
     train.add_argument("--max-length", type=int, default=128)
     train.add_argument("--seed", type=int, default=0)
