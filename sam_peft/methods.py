@@ -4,7 +4,8 @@
 extra loss terms and the finishing step it needs:
 
 - sparse deltas (a sam-peft adapter): sam, fisher, sam_hessian (burn-in selection), magnitude, random, bitfit;
-- peft adapters: lora (peft's LoRA), adapter (bottleneck adapters, `sam_peft.bottleneck`);
+- peft adapters: lora (peft's LoRA), adapter (bottleneck adapters, `sam_peft.bottleneck`), and He et al.'s
+  parallel_adapter, prefix and mam (`sam_peft.baselines.adapters.unified`);
 - dense baselines: full, mixout, childpruning, diffpruning, dps (`sam_peft.baselines`).
 """
 
@@ -44,6 +45,10 @@ REGISTRY: dict[str, Method] = {
           for name in SELECTIONS),
         Method("lora", "peft", EFFICIENT_LR),
         Method("adapter", "peft", EFFICIENT_LR),
+        # He et al.'s unified view (`sam_peft.baselines.adapters.unified`), not in Fu et al.'s comparison
+        Method("parallel_adapter", "peft", EFFICIENT_LR, paper=False),
+        Method("prefix", "peft", EFFICIENT_LR, paper=False),
+        Method("mam", "peft", EFFICIENT_LR, paper=False),
         Method("full", "dense", DENSE_LR),
         Method("mixout", "dense", DENSE_LR),
         Method("childpruning", "dense", DENSE_LR, sparse=True),
@@ -100,6 +105,8 @@ def prepare_method(model: nn.Module, settings, task, *, burn_in: int, total_step
         config = BottleneckConfig(placement=settings.adapter_placement, reduction_factor=settings.adapter_reduction,
                                   task_type=task_type, modules_to_save=head)
         return PreparedMethod(get_peft_model(model, config))
+    if method in ("parallel_adapter", "prefix", "mam"):
+        return _unified(model, settings, task_type, head)
     if method == "mixout":
         from .baselines.mixout import apply_mixout, remove_mixout
 
@@ -156,6 +163,27 @@ def _sparse_delta(model, settings, task_type, head, burn_in: int) -> PreparedMet
         return {"burn_in_steps": burn_in, "burn_in_seconds": report.seconds if report else None}
 
     return PreparedMethod(wrapped, [selection], describe=describe)
+
+
+def _unified(model, settings, task_type, head) -> PreparedMethod:
+    """He et al.'s parallel adapter, prefix tuning or MAM (settings: pa_placement, pa_r, pa_scaling, prefix_length)."""
+    from peft import get_peft_model
+
+    from .baselines.adapters import AdapterConfig, MAMConfig, PrefixConfig
+
+    common = {"task_type": task_type, "modules_to_save": head}
+    if settings.method == "parallel_adapter":
+        config = AdapterConfig(style="parallel", placement=settings.pa_placement, r=settings.pa_r,
+                               scaling=settings.pa_scaling, **common)
+    elif settings.method == "prefix":
+        config = PrefixConfig(num_virtual_tokens=settings.prefix_length, **common)
+    else:
+        config = MAMConfig(num_virtual_tokens=settings.prefix_length, r=settings.pa_r,
+                           scaling=settings.pa_scaling or 4.0, **common)
+    wrapped = get_peft_model(model, config)
+    facts = {key: getattr(config, key) for key in ("style", "placement", "r", "scaling", "num_virtual_tokens")
+             if hasattr(config, key)}
+    return PreparedMethod(wrapped, describe=lambda: dict(facts))
 
 
 def _warm_up(burn_in: int, total_steps: int) -> int:

@@ -50,6 +50,17 @@ DENSE_GRID = (2e-5, 5e-5, 1e-4)
 EFFICIENT_GRID = (1e-4, 5e-4, 2e-3)
 LR_GRID = {m: DENSE_GRID if DEFAULT_LRS[m] == DENSE_LR else EFFICIENT_GRID for m in ALL_METHODS}
 
+# Bench labels that run a method with other settings: label -> (method, TrainSettings overrides). The label is the
+# "method" of the run's record (so reports keep the variants apart) and is looked up in the profile's `lrs`.
+VARIANTS = {
+    "parallel_adapter_attn": ("parallel_adapter", {"pa_placement": "attention"}),
+    "parallel_adapter_ffn": ("parallel_adapter", {"pa_placement": "ffn"}),
+}
+# He et al.'s unified view on MiniLM (docs/benchmarks-unified.md): the sequential bottleneck adapter (`adapter`),
+# the scaled parallel adapter (s = 4, r = hidden // 2 = 192) beside attention and beside the FFN, prefix tuning
+# (l = 30), MAM, LoRA, SAM and full fine-tuning, with the quick profile's settings.
+UNIFIED_METHODS = ("adapter", "parallel_adapter_attn", "parallel_adapter_ffn", "prefix", "mam", "lora", "sam", "full")
+
 PROFILES = {
     "smoke": Profile(
         name="smoke", tasks=("rte", "cb"), methods=("full", "sam", "random", "bitfit", "lora"), seeds=(0, 1),
@@ -65,6 +76,12 @@ PROFILES = {
         settings={"max_steps": 100, "burn_in_steps": 30, "batch_size": 16, "max_length": 64, "eval_steps": 25,
                   "patience": 2},
         lrs=DEFAULT_LRS,
+    ),
+    "unified": Profile(
+        name="unified", tasks=("rte", "mrpc", "cb", "copa", "stsb"), methods=UNIFIED_METHODS, seeds=(0, 1, 2),
+        settings={"max_steps": 100, "burn_in_steps": 30, "batch_size": 16, "max_length": 64, "eval_steps": 25,
+                  "patience": 2},
+        lrs={**DEFAULT_LRS, **{label: DEFAULT_LRS[method] for label, (method, _) in VARIANTS.items()}},
     ),
     "lrgrid": Profile(
         name="lrgrid", tasks=("rte", "mrpc", "stsb", "cb"), methods=ALL_METHODS, seeds=(0,),

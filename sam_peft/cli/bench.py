@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..bench.profiles import PROFILES
+from ..bench.profiles import PROFILES, VARIANTS
 from ..methods import METHODS, describe_methods
 
 
@@ -14,15 +14,15 @@ def add_parser(sub) -> None:
     glue = bench.add_parser("glue", help="run (or resume) a profile: smoke, quick, paper or sweep")
     glue.add_argument("--profile", default="quick", choices=list(PROFILES),
                       help="smoke (tests), quick (2-core CPU, ~2 h), lrgrid (learning-rate search), paper, "
-                           "perturb (Table 2), sweep (Fig. 5)")
+                           "perturb (Table 2), sweep (Fig. 5), unified (He et al.'s methods, quick settings)")
     glue.add_argument("--name", help="results file name (default: the profile name)")
     glue.add_argument("--results-dir", default="benchmarks/results")
     glue.add_argument("--data-dir", help="directory of the official task files (default: the hub)")
     glue.add_argument("--model", help="base model (default: the packaged all-MiniLM-L6-v2)")
     glue.add_argument("--jobs", type=int, default=1, help="parallel runs (at most the number of cores)")
     glue.add_argument("--tasks", nargs="+", help="only these tasks")
-    glue.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
-                      help="only these methods: " + describe_methods())
+    glue.add_argument("--methods", nargs="+", choices=[*METHODS, *VARIANTS], metavar="METHOD",
+                      help="only these methods: " + describe_methods() + "; variants: " + ", ".join(VARIANTS))
     glue.add_argument("--max-runs", type=int, help="stop after this many new runs (run a profile in parts)")
     glue.add_argument("--lrs-from", help="results file of the lrgrid profile: use each method's chosen learning rate")
     glue.set_defaults(func=run_glue)
