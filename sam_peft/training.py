@@ -61,10 +61,6 @@ class TrainSettings:
     mixout_p: float = 0.9
     adapter_placement: str = "houlsby"
     adapter_reduction: int = 16
-    pa_placement: str = "ffn"  # parallel_adapter: attention, ffn or both
-    pa_r: int | None = None  # parallel_adapter / mam bottleneck width (None: hidden size // 2)
-    pa_scaling: float | None = None  # parallel_adapter / mam scale s (None: 4)
-    prefix_length: int = 30  # prefix / mam: prefix length l
     projection_every: int = 1
     l0_weight: float = 1.0
     reproject_every: int | None = None
@@ -172,7 +168,7 @@ def run_training(settings: TrainSettings) -> dict:
     )
     callbacks = [*prepared.callbacks, EarlyStoppingCallback(early_stopping_patience=settings.patience)]
     trainer = _trainer_class(prepared.loss_terms)(
-        model=model, args=args, train_dataset=encoded["train"], eval_dataset=encoded["dev"],
+        model=model, args=args, train_dataset=encoded["train"], eval_dataset=encoded["heldout"],
         data_collator=collator_for(task, tokenizer), compute_metrics=metrics_fn_for_trainer(task),
         callbacks=callbacks,
     )
@@ -183,8 +179,8 @@ def run_training(settings: TrainSettings) -> dict:
     if prepared.finalize is not None:
         prepared.finalize()
     method_facts = prepared.describe() if prepared.describe is not None else {}
+    heldout_metrics = trainer.evaluate(encoded["heldout"], metric_key_prefix="heldout")
     dev_metrics = trainer.evaluate(encoded["dev"], metric_key_prefix="dev")
-    test_metrics = trainer.evaluate(encoded["test"], metric_key_prefix="test")
     train_metrics = {}
     if settings.train_eval_limit:  # training-set fit (Fig. 5): the first `train_eval_limit` training rows
         train_rows = encoded["train"].select(range(min(settings.train_eval_limit, len(encoded["train"]))))
@@ -205,9 +201,9 @@ def run_training(settings: TrainSettings) -> dict:
         "seed": settings.seed,
         "sparsity": settings.sparsity if settings.method in SELECTIONS else None,
         "model": settings_dict["model"],
-        "metric": test_metrics.get("test_primary"),
-        "metrics": {k.removeprefix("test_"): v for k, v in test_metrics.items()},
-        "dev_metrics": {k.removeprefix("dev_"): v for k, v in dev_metrics.items()},
+        "metric": dev_metrics.get("dev_primary"),  # the official dev split's primary metric
+        "metrics": {k.removeprefix("dev_"): v for k, v in dev_metrics.items()},
+        "heldout_metrics": {k.removeprefix("heldout_"): v for k, v in heldout_metrics.items()},
         "train_metrics": {k.removeprefix("train_"): v for k, v in train_metrics.items()},
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - started,

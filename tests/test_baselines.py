@@ -217,9 +217,9 @@ def test_dps_alternates_dense_and_subnetwork_stages():
 
 
 # ---------------------------------------------------------------- harness: learning rates and consistency
-def _record(task, method, seed, lr, dev, settings=None):
-    return {"task": task, "method": method, "seed": seed, "sparsity": None, "lr": lr, "dev_metric": dev,
-            "metric": dev, "status": "done", "settings": settings or {}}
+def _record(task, method, seed, lr, heldout, settings=None):
+    return {"task": task, "method": method, "seed": seed, "sparsity": None, "lr": lr, "heldout_metric": heldout,
+            "metric": heldout, "status": "done", "settings": settings or {}}
 
 
 def test_choose_lrs_uses_the_best_mean_over_complete_learning_rates(tmp_path):
@@ -232,6 +232,20 @@ def test_choose_lrs_uses_the_best_mean_over_complete_learning_rates(tmp_path):
     assert choose_lrs(path) == {"sam": 1e-4, "full": 5e-5}
     with pytest.raises(ValueError, match="no finished runs"):
         choose_lrs(tmp_path / "missing.jsonl")
+
+
+def test_records_from_before_the_split_rename_are_read():
+    """Results files written before the rename call the held-out metric `dev_metric` (benchmarks/results)."""
+    from sam_peft.bench.glue import read_records
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "lrgrid.jsonl"
+    legacy = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    assert legacy and all("dev_metric" in r and "heldout_metric" not in r for r in legacy)
+    records = read_records(path)
+    assert len(records) == sum(r.get("status") == "done" for r in legacy) > 0
+    assert [r["heldout_metric"] for r in records] == [r["dev_metric"] for r in legacy if r.get("status") == "done"]
+    assert all("dev_metric" not in r for r in records)
+    assert choose_lrs(path)
 
 
 def test_results_file_refuses_runs_made_with_other_settings():
@@ -260,6 +274,7 @@ def test_report_covers_the_grid_the_perturbation_table_and_the_sweep(tmp_path):
     for seed in (0, 1):
         for task, base in (("rte", 60.0), ("cb", 70.0)):
             for method, shift in (("sam", 2.0), ("full", 0.0)):
+                # the held-out metric under its name before the split rename: the report reads both
                 common = {"task": task, "method": method, "seed": seed, "status": "done", "lr": 1e-3,
                           "dev_metric": base + shift, "train_loss": 0.5}
                 rows.append({**common, "sparsity": 0.005 if method == "sam" else None, "metric": base + shift + seed,

@@ -26,7 +26,7 @@ from sam_peft.tasks import (
     matthews_corrcoef,
     metrics_fn_for_trainer,
     pearson_spearman,
-    split_train_dev,
+    split_train_heldout,
 )
 
 # --------------------------------------------------------------------------- fixtures: official formats
@@ -255,11 +255,11 @@ def glue_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _official(root: Path, task: str) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """The full official train split (train + dev re-joined by idx) and the test split."""
+    """The full official train split (train + heldout re-joined by idx) and the official dev split."""
     splits = load_task(task, data_dir=root)
-    train = datasets.concatenate_datasets([splits["train"], splits["dev"]])
+    train = datasets.concatenate_datasets([splits["train"], splits["heldout"]])
     train = train.select(np.argsort(train["idx"]).tolist())
-    return train, splits["test"]
+    return train, splits["dev"]
 
 
 # --------------------------------------------------------------------------- specs
@@ -451,11 +451,11 @@ def test_hub_columns_are_normalised(task: str, monkeypatch: pytest.MonkeyPatch) 
     splits = load_task(task, seed=3)
     spec = get_task(task)
     assert calls == [(spec.hub_path, spec.hub_config)]
-    assert {k: len(v) for k, v in splits.items()} == {"train": 9, "dev": 1, "test": 3 if task == "rte" else 4}
+    assert {k: len(v) for k, v in splits.items()} == {"train": 9, "heldout": 1, "dev": 3 if task == "rte" else 4}
     for split in splits.values():
         assert split.features == features_for(task)
     if task == "rte":
-        assert splits["test"]["text_pair"][0] == "" and splits["test"]["label"] == [0, 1, 0]
+        assert splits["dev"]["text_pair"][0] == "" and splits["dev"]["label"] == [0, 1, 0]
 
 
 # --------------------------------------------------------------------------- splitting
@@ -463,28 +463,28 @@ def test_hub_columns_are_normalised(task: str, monkeypatch: pytest.MonkeyPatch) 
 
 def test_split_is_deterministic_disjoint_and_complete() -> None:
     full = datasets.Dataset.from_dict({"idx": list(range(200)), "label": [i % 2 for i in range(200)]})
-    train, dev = split_train_dev(full, seed=0)
-    train_again, dev_again = split_train_dev(full, seed=0)
-    _, dev_other = split_train_dev(full, seed=1)
-    assert len(dev) == 20 and len(train) == 180
-    assert dev["idx"] == dev_again["idx"] and train["idx"] == train_again["idx"]
-    assert dev["idx"] != dev_other["idx"]
-    assert not set(dev["idx"]) & set(train["idx"])
-    assert set(dev["idx"]) | set(train["idx"]) == set(range(200))
-    assert dev["idx"] == sorted(dev["idx"]) and train["idx"] == sorted(train["idx"])
+    train, heldout = split_train_heldout(full, seed=0)
+    train_again, heldout_again = split_train_heldout(full, seed=0)
+    _, heldout_other = split_train_heldout(full, seed=1)
+    assert len(heldout) == 20 and len(train) == 180
+    assert heldout["idx"] == heldout_again["idx"] and train["idx"] == train_again["idx"]
+    assert heldout["idx"] != heldout_other["idx"]
+    assert not set(heldout["idx"]) & set(train["idx"])
+    assert set(heldout["idx"]) | set(train["idx"]) == set(range(200))
+    assert heldout["idx"] == sorted(heldout["idx"]) and train["idx"] == sorted(train["idx"])
     expected = sorted(np.random.default_rng(0).permutation(200)[:20].tolist())
-    assert dev["idx"] == expected
+    assert heldout["idx"] == expected
 
 
 def test_load_task_split_and_limit(glue_dir: Path) -> None:
     a = load_task("rte", data_dir=glue_dir, seed=5)
     b = load_task("rte", data_dir=str(glue_dir), seed=5)
-    assert a["dev"]["idx"] == b["dev"]["idx"] and len(a["dev"]) == 1 and len(a["train"]) == 9
+    assert a["heldout"]["idx"] == b["heldout"]["idx"] and len(a["heldout"]) == 1 and len(a["train"]) == 9
     limited = load_task("rte", data_dir=glue_dir, limit=2)
-    assert {k: len(v) for k, v in limited.items()} == {"train": 2, "dev": 1, "test": 2}
+    assert {k: len(v) for k, v in limited.items()} == {"train": 2, "heldout": 1, "dev": 2}
     for bad in (0, 1, 1.5, -0.1):
-        with pytest.raises(ValueError, match="dev_fraction"):
-            load_task("rte", data_dir=glue_dir, dev_fraction=bad)
+        with pytest.raises(ValueError, match="heldout_fraction"):
+            load_task("rte", data_dir=glue_dir, heldout_fraction=bad)
     with pytest.raises(ValueError, match="limit"):
         load_task("rte", data_dir=glue_dir, limit=0)
 
@@ -597,11 +597,11 @@ def test_encode_pairs_and_single(tokenizer, glue_dir: Path) -> None:
     assert set(enc.column_names) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
     assert enc.features["labels"] == datasets.Value("int64")
     assert 1 in enc[0]["token_type_ids"] and enc["labels"] == splits["train"]["label"]
-    single = encode("cola", tokenizer, load_task("cola", data_dir=glue_dir)["test"])
+    single = encode("cola", tokenizer, load_task("cola", data_dir=glue_dir)["dev"])
     lengths = [len(ids) for ids in single["input_ids"]]
     assert len(set(lengths)) > 1  # not padded
     assert all(set(row["token_type_ids"]) == {0} for row in single)
-    stsb = encode("stsb", tokenizer, load_task("stsb", data_dir=glue_dir)["test"])
+    stsb = encode("stsb", tokenizer, load_task("stsb", data_dir=glue_dir)["dev"])
     assert stsb.features["labels"] == datasets.Value("float32") and stsb["labels"] == pytest.approx(
         [5.0, 0.25]
     )
@@ -612,11 +612,11 @@ def test_encode_pairs_and_single(tokenizer, glue_dir: Path) -> None:
 
 
 def test_encode_wsc_and_copa(tokenizer, glue_dir: Path) -> None:
-    wsc = encode("wsc", tokenizer, load_task("wsc", data_dir=glue_dir)["test"])
+    wsc = encode("wsc", tokenizer, load_task("wsc", data_dir=glue_dir)["dev"])
     decoded = tokenizer.decode(wsc[0]["input_ids"], skip_special_tokens=True)
     assert decoded.startswith("* mark * told pete") and "# he #" in decoded
     assert decoded.endswith("does he refer to mark?")
-    copa = encode("copa", tokenizer, load_task("copa", data_dir=glue_dir)["test"])
+    copa = encode("copa", tokenizer, load_task("copa", data_dir=glue_dir)["dev"])
     assert copa["labels"] == [0, 1]
     first = copa[0]
     assert len(first["input_ids"]) == 2 and len(first["attention_mask"]) == 2
@@ -671,10 +671,10 @@ REAL_COUNTS = {
 def test_real_files_row_counts(task: str) -> None:
     splits = load_task(task, data_dir=_real_glue_dir())
     n_train, n_dev = REAL_COUNTS[task]
-    assert len(splits["train"]) + len(splits["dev"]) == n_train
-    assert len(splits["dev"]) == round(0.1 * n_train) and len(splits["test"]) == n_dev
+    assert len(splits["train"]) + len(splits["heldout"]) == n_train
+    assert len(splits["heldout"]) == round(0.1 * n_train) and len(splits["dev"]) == n_dev
     spec = get_task(task)
-    labels = np.array(splits["test"]["label"])
+    labels = np.array(splits["dev"]["label"])
     if spec.is_regression:
         assert labels.min() >= 0.0 and labels.max() <= 5.0
     else:

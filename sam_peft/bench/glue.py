@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..training import PACKAGED_MODEL
-from .profiles import PROFILES, VARIANTS, Profile
+from .profiles import PROFILES, Profile
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,16 @@ def read_records(path: Path) -> list[dict]:
             logger.warning("%s:%d is not a complete JSON record (a killed write?); ignoring it.", path, number)
             continue
         if record.get("status") == "done":
-            records.append(record)
+            records.append(_upgrade(record))
     return records
+
+
+def _upgrade(record: dict) -> dict:
+    """A record as this version writes it: records before the split rename called the held-out metric
+    `dev_metric` (the official dev split's is `metric` in both)."""
+    if "heldout_metric" not in record and "dev_metric" in record:
+        record["heldout_metric"] = record.pop("dev_metric")
+    return record
 
 
 def append_record(path: Path, record: dict) -> None:
@@ -74,12 +82,11 @@ def _one_run(run: dict, profile: Profile, model: str | None, data_dir: str | Non
 
     torch.set_num_threads(threads)
     scratch = tempfile.mkdtemp(prefix="sam-peft-bench-")
-    method, overrides = VARIANTS.get(run["method"], (run["method"], {}))  # a label may name a method's variant
     try:
         settings = TrainSettings(
-            task=run["task"], output=scratch, model=model, data_dir=data_dir, method=method,
+            task=run["task"], output=scratch, model=model, data_dir=data_dir, method=run["method"],
             sparsity=run["sparsity"] or 0.005, seed=run["seed"], lr=run.get("lr") or profile.lrs.get(run["method"]),
-            progress=False, **{**profile.settings, **overrides},
+            progress=False, **profile.settings,
         )
         metrics = run_training(settings)
     finally:
@@ -87,7 +94,7 @@ def _one_run(run: dict, profile: Profile, model: str | None, data_dir: str | Non
     return {
         "task": run["task"], "method": run["method"], "seed": run["seed"], "sparsity": run["sparsity"],
         "model": metrics["model"], "metric": metrics["metric"], "metrics": metrics["metrics"],
-        "dev_metric": metrics["dev_metrics"].get("primary"), "train_loss": metrics.get("train_loss"),
+        "heldout_metric": metrics["heldout_metrics"].get("primary"), "train_loss": metrics.get("train_loss"),
         "status": "done", "train_seconds": metrics["train_seconds"],
         "burn_in_seconds": metrics["burn_in_seconds"], "trainable_params": metrics["trainable_params"],
         "delta_bytes": metrics["delta_bytes"], "lr": settings.lr, "profile": profile.name,
@@ -118,7 +125,7 @@ def choose_lrs_from_records(records: list[dict]) -> dict[str, float]:
     """
     cells: dict[str, dict[float, dict[tuple, float]]] = {}
     for r in records:
-        cells.setdefault(r["method"], {}).setdefault(float(r["lr"]), {})[(r["task"], r["seed"])] = r["dev_metric"]
+        cells.setdefault(r["method"], {}).setdefault(float(r["lr"]), {})[(r["task"], r["seed"])] = r["heldout_metric"]
     chosen = {}
     for method, by_lr in cells.items():
         complete = set.union(*(set(v) for v in by_lr.values()))

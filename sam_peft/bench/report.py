@@ -130,7 +130,7 @@ def lr_grid_table(records: list[dict]) -> str:
         row = []
         for lr in lrs:
             runs = cells.get((method, lr), [])
-            row.append(f"{np.mean([r['dev_metric'] for r in runs]):.2f} ({len(runs)})" if runs else "-")
+            row.append(f"{np.mean([r['heldout_metric'] for r in runs]):.2f} ({len(runs)})" if runs else "-")
         lines.append(f"| {method} | " + " | ".join(row) + f" | {chosen.get(method, float('nan')):g} |")
     return (f"Tasks: {', '.join(tasks)}; each cell: mean held-out primary metric (runs). Only rates with every "
             "(task, seed) of their method count for the choice.\n\n" + "\n".join(lines))

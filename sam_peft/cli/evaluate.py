@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
             pack_parameters(bases[key])
         base = bases[key]
         delta = delta_from_adapter_dir(adapter_dir)
-        split = load_task(task, data_dir=args.data_dir, limit=args.limit)["test"]
+        split = load_task(task, data_dir=args.data_dir, limit=args.limit)["dev"]
         delta.apply_to(base)
         try:
             metrics = evaluate_model(base, tokenizer, task, split, batch_size=args.batch_size,

@@ -17,7 +17,7 @@ from sam_peft.tasks.encoding import (
     encode,
     mark_wsc_spans,
 )
-from sam_peft.tasks.loading import features_for, load_task, split_train_dev
+from sam_peft.tasks.loading import features_for, load_task, split_train_heldout
 from sam_peft.tasks.metrics import (
     accuracy,
     binary_f1,
@@ -48,5 +48,5 @@ __all__ = [
     "metrics_fn_for_trainer",
     "pearson_spearman",
     "resolve_task",
-    "split_train_dev",
+    "split_train_heldout",
 ]

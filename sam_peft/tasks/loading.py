@@ -1,8 +1,9 @@
-"""Load a task as a :class:`datasets.DatasetDict` with ``train`` / ``dev`` / ``test`` splits.
+"""Load a task as a :class:`datasets.DatasetDict` with ``train`` / ``heldout`` / ``dev`` splits.
 
-The official test labels of GLUE and SuperGLUE are private, so the official dev (validation) split
-becomes our ``test`` split, and ``dev`` (for model selection) is a deterministic random
-``dev_fraction`` of the official train split. Every split has the same normalised columns,
+The official test labels of GLUE and SuperGLUE are private, so results are reported on ``dev``, the
+official dev (validation) split, and ``heldout`` (early stopping and learning-rate choice) is a
+deterministic random ``heldout_fraction`` (10 %) of the official train split, which ``train`` is the
+rest of. Every split has the same normalised columns,
 whichever source it came from (hub or local files):
 
 * single sentence (cola, sst2): ``text``, ``label``, ``idx``
@@ -24,7 +25,7 @@ import numpy as np
 from sam_peft.tasks.readers import read_local_file
 from sam_peft.tasks.specs import CHOICE, PAIR, SINGLE, TaskSpec, resolve_task
 
-__all__ = ["features_for", "load_task", "split_train_dev"]
+__all__ = ["features_for", "load_task", "split_train_heldout"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,30 +54,30 @@ def features_for(task: str | TaskSpec) -> datasets.Features:
     return datasets.Features({**cols, "label": label, "idx": _INT})
 
 
-def split_train_dev(
-    train: datasets.Dataset, seed: int = 0, dev_fraction: float = 0.1
+def split_train_heldout(
+    train: datasets.Dataset, seed: int = 0, heldout_fraction: float = 0.1
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Hold out ``round(dev_fraction * n)`` rows of ``train`` as a dev split.
+    """Hold out ``round(heldout_fraction * n)`` rows of ``train``: returns (train, heldout).
 
     The held-out rows are the first ones of ``numpy.random.default_rng(seed).permutation(n)``; both
-    parts keep the original row order. The result depends only on ``n``, ``seed`` and ``dev_fraction``.
+    parts keep the original row order. The result depends only on ``n``, ``seed`` and ``heldout_fraction``.
     """
-    is_number = isinstance(dev_fraction, (int, float)) and not isinstance(dev_fraction, bool)
-    if not is_number or not 0 < dev_fraction < 1:
+    is_number = isinstance(heldout_fraction, (int, float)) and not isinstance(heldout_fraction, bool)
+    if not is_number or not 0 < heldout_fraction < 1:
         raise ValueError(
-            f"dev_fraction must be a number strictly between 0 and 1, got {dev_fraction!r}; "
+            f"heldout_fraction must be a number strictly between 0 and 1, got {heldout_fraction!r}; "
             "the default 0.1 holds out 10% of the official train split."
         )
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
     n = len(train)
-    n_dev = round(dev_fraction * n)
-    if n_dev == 0 or n_dev == n:
-        logger.warning("dev_fraction=%s of %d training rows leaves an empty split.", dev_fraction, n)
+    n_heldout = round(heldout_fraction * n)
+    if n_heldout == 0 or n_heldout == n:
+        logger.warning("heldout_fraction=%s of %d training rows leaves an empty split.", heldout_fraction, n)
     perm = np.random.default_rng(int(seed)).permutation(n)
-    dev_rows = np.sort(perm[:n_dev])
-    train_rows = np.sort(perm[n_dev:])
-    return train.select(train_rows.tolist()), train.select(dev_rows.tolist())
+    heldout_rows = np.sort(perm[:n_heldout])
+    train_rows = np.sort(perm[n_heldout:])
+    return train.select(train_rows.tolist()), train.select(heldout_rows.tolist())
 
 
 def _from_local(
@@ -137,27 +138,27 @@ def load_task(
     task: str | TaskSpec,
     data_dir: str | os.PathLike[str] | None = None,
     seed: int = 0,
-    dev_fraction: float = 0.1,
+    heldout_fraction: float = 0.1,
     limit: int | None = None,
 ) -> datasets.DatasetDict:
-    """Load ``task`` as ``DatasetDict(train=..., dev=..., test=...)``.
+    """Load ``task`` as ``DatasetDict(train=..., heldout=..., dev=...)``.
 
     Args:
         task: task name (``"rte"``, ``"STS-B"``, ...) or a :class:`TaskSpec`.
         data_dir: folder holding the official files in ``<data_dir>/<local_dir>/`` (e.g. ``glue/RTE/
             train.tsv``); ``None`` downloads ``spec.hub_path`` / ``spec.hub_config`` from the hub.
-        seed: seed of the permutation that picks the dev rows out of the official train split.
-        dev_fraction: share of the official train split held out as ``dev``.
+        seed: seed of the permutation that picks the held-out rows out of the official train split.
+        heldout_fraction: share of the official train split held out as ``heldout``.
         limit: if given, keep only the first ``limit`` rows of each split (after splitting).
 
-    ``train`` + ``dev`` partition the official train split; ``test`` is the official dev split.
+    ``train`` + ``heldout`` partition the official train split; ``dev`` is the official dev split.
     """
     spec = resolve_task(task)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise ValueError(f"limit must be a positive integer or None, got {limit!r}.")
     official_train, official_dev = _from_hub(spec) if data_dir is None else _from_local(spec, data_dir)
-    train, dev = split_train_dev(official_train, seed=seed, dev_fraction=dev_fraction)
-    splits = {"train": train, "dev": dev, "test": official_dev}
+    train, heldout = split_train_heldout(official_train, seed=seed, heldout_fraction=heldout_fraction)
+    splits = {"train": train, "heldout": heldout, "dev": official_dev}
     if limit is not None:
         splits = {name: ds.select(range(min(limit, len(ds)))) for name, ds in splits.items()}
     logger.info("%s: %s", spec.name, ", ".join(f"{k}={len(v)}" for k, v in splits.items()))
