@@ -61,6 +61,10 @@ class TrainSettings:
     mixout_p: float = 0.9
     adapter_placement: str = "houlsby"
     adapter_reduction: int = 16
+    pa_placement: str = "ffn"  # parallel_adapter: attention, ffn or both
+    pa_r: int | None = None  # parallel_adapter / mam bottleneck width (None: hidden size // 2)
+    pa_scaling: float | None = None  # parallel_adapter / mam scale s (None: 4)
+    prefix_length: int = 30  # prefix / mam: prefix length l
     projection_every: int = 1
     l0_weight: float = 1.0
     reproject_every: int | None = None

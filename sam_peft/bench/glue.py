@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..training import PACKAGED_MODEL
-from .profiles import PROFILES, Profile
+from .profiles import PROFILES, VARIANTS, Profile
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +82,12 @@ def _one_run(run: dict, profile: Profile, model: str | None, data_dir: str | Non
 
     torch.set_num_threads(threads)
     scratch = tempfile.mkdtemp(prefix="sam-peft-bench-")
+    method, overrides = VARIANTS.get(run["method"], (run["method"], {}))  # a label may name a method's variant
     try:
         settings = TrainSettings(
-            task=run["task"], output=scratch, model=model, data_dir=data_dir, method=run["method"],
+            task=run["task"], output=scratch, model=model, data_dir=data_dir, method=method,
             sparsity=run["sparsity"] or 0.005, seed=run["seed"], lr=run.get("lr") or profile.lrs.get(run["method"]),
-            progress=False, **profile.settings,
+            progress=False, **{**profile.settings, **overrides},
         )
         metrics = run_training(settings)
     finally:

@@ -33,6 +33,11 @@ def add_parser(sub) -> None:
     train.add_argument("--logging-steps", type=int, help="log the training loss every N steps")
     train.add_argument("--reproject-every", type=int,
                        help="diffpruning: keep the relaxed phase and re-project the diff every N steps (Fig. 3)")
+    train.add_argument("--pa-placement", default="ffn", choices=["attention", "ffn", "both"],
+                       help="parallel_adapter: beside the attention sublayer, the FFN or both (default ffn)")
+    train.add_argument("--pa-r", type=int, help="parallel_adapter / mam: bottleneck width (default hidden size // 2)")
+    train.add_argument("--pa-scaling", type=float, help="parallel_adapter / mam: scale s of the adapter (default 4)")
+    train.add_argument("--prefix-length", type=int, default=30, help="prefix / mam: prefix length l (default 30)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=run)
 
@@ -46,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
         seed=args.seed, patience=args.patience, eval_steps=args.eval_steps, limit=args.limit,
         reproject_every=args.reproject_every, logging_steps=args.logging_steps, progress=not args.no_progress,
+        pa_placement=args.pa_placement, pa_r=args.pa_r, pa_scaling=args.pa_scaling, prefix_length=args.prefix_length,
     )
     metrics = run_training(settings)
     print_table([
