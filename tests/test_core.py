@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -37,7 +38,15 @@ from transformers import (
 
 import sam_peft
 from sam_peft.selection.topk import topk_global, topk_per_tensor
-from sam_peft.tuner.ops import BlockStructure, sparse_delta_embedding, sparse_delta_matmul
+from sam_peft.tuner.ops import (
+    BlockStructure,
+    EmbeddingStructure,
+    matmul,
+    sparse_delta_embedding,
+    sparse_term,
+    written_delta_embedding,
+    written_delta_matmul,
+)
 
 VOCAB, HIDDEN, SEQ, BATCH = 100, 32, 8, 2
 PREFIX = "base_model.model."
@@ -653,10 +662,25 @@ def _pattern(kind: str, shape: tuple[int, int], generator: torch.Generator) -> t
     return torch.randperm(numel, generator=generator)[: int(0.7 * numel)].sort().values
 
 
+def _written(x, weight, b, values, indices, structure, transposed):
+    """The written-in path as a layer runs it: W holds θ0 + Δ(values), the Function routes the gradient."""
+    before = weight.clone()
+    out = written_delta_matmul(x, weight, b, values, structure, transposed, indices, threading.Lock())
+    assert torch.equal(weight, before), "W holds θ0 again after the call"
+    return out
+
+
+def _sparse_term(x, weight, b, values, indices, structure, transposed):
+    """The separate-term path: base matmul plus x Δᵀ on the sub-block."""
+    n_out = weight.shape[1] if transposed else weight.shape[0]
+    return matmul(x, weight, b, transposed) + sparse_term(x, values, structure, transposed, n_out)
+
+
+@pytest.mark.parametrize("path", [_written, _sparse_term], ids=["written", "sparse-term"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("kind", ["few", "cols", "many"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-def test_sparse_delta_matmul_gradcheck(transposed, kind, with_bias):
+def test_sparse_delta_matmul_gradcheck(path, transposed, kind, with_bias):
     generator = torch.Generator().manual_seed(0)
     n_in, n_out = 7, 6
     shape = (n_in, n_out) if transposed else (n_out, n_in)
@@ -675,7 +699,7 @@ def test_sparse_delta_matmul_gradcheck(transposed, kind, with_bias):
 
     def fn(x, values, *maybe_bias):
         b = maybe_bias[0] if maybe_bias else None
-        return sparse_delta_matmul(x, weight, b, values, indices, structure, transposed)
+        return path(x, weight, b, values, indices, structure, transposed)
 
     args = (x, values) + ((bias,) if with_bias else ())
     assert torch.autograd.gradcheck(fn, args)
@@ -689,7 +713,8 @@ def test_sparse_delta_matmul_gradcheck(transposed, kind, with_bias):
         torch.testing.assert_close(fn(*args), expected)
 
 
-def test_sparse_delta_embedding_matches_dense_with_padding():
+@pytest.mark.parametrize("written", [True, False], ids=["written", "sparse-term"])
+def test_sparse_delta_embedding_matches_dense_with_padding(written):
     generator = torch.Generator().manual_seed(0)
     n_rows, dim, pad = 10, 4, 2
     weight = torch.randn(n_rows, dim, dtype=torch.float64, generator=generator)
@@ -698,7 +723,11 @@ def test_sparse_delta_embedding_matches_dense_with_padding():
     indices = torch.tensor([1, 5, pad * dim, pad * dim + 3, 3 * dim + 1, 7 * dim, 7 * dim + 2, 9 * dim + 3])
     values = torch.randn(indices.numel(), dtype=torch.float64, generator=generator, requires_grad=True)
     input_ids = torch.tensor([[3, 7, pad, 0], [7, 7, pad, 3]])
-    out = sparse_delta_embedding(input_ids, weight, values, indices, padding_idx=pad)
+    structure = EmbeddingStructure.build(indices, (n_rows, dim), pad)
+    if written:
+        out = written_delta_embedding(input_ids, weight, values, structure, indices, threading.Lock(), padding_idx=pad)
+    else:
+        out = sparse_delta_embedding(input_ids, weight, values, structure, padding_idx=pad)
 
     composed = weight.reshape(-1).index_add(0, indices, values.detach()).view(n_rows, dim).requires_grad_(True)
     expected = F.embedding(input_ids, composed, padding_idx=pad)
@@ -717,7 +746,8 @@ def test_embedding_padding_row_entries_in_model():
     """BERT word embeddings (padding_idx=0) with entries forced into the padding row."""
     pm, base = make_peft(BERT)
     layer = pm.get_submodule(PREFIX + "bert.embeddings.word_embeddings")
-    assert isinstance(layer, sam_peft.tuner.layer.SparseDiffEmbedding) and layer.get_base_layer().padding_idx == 0
+    assert isinstance(layer, sam_peft.tuner.weight_layers.SparseDiffEmbedding)
+    assert layer.get_base_layer().padding_idx == 0
     inputs = make_inputs(BERT)
     present = int(inputs["input_ids"][0, 0])
     absent = next(r for r in range(1, VOCAB) if r not in inputs["input_ids"])

@@ -1,8 +1,14 @@
 """Sparse-delta tuner layers: each wraps one base module and keeps, per adapter and per own parameter,
-sorted flat `indices` (an integer buffer) and trainable `values` (a 1-D float32 parameter)."""
+sorted flat `indices` (an integer buffer) and trainable `values` (a 1-D float32 parameter, the master copy).
+
+`SparseDiffLayer` is the generic path (each tuned parameter composed as θ0 + Δ for the call, for small tensors and
+module kinds without a fast path); `weight_layers` holds Linear, Conv1D and Embedding, which run their large weight
+with the delta written in for the duration of each kernel.
+"""
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +21,7 @@ from torch.func import functional_call
 
 from ..selection.budget import default_count
 from ..storage.validation import index_dtype
-from .ops import BlockStructure, compose, matmul, sparse_delta_embedding, sparse_delta_matmul
+from .ops import compose
 
 VALUES_DTYPE = torch.float32
 
@@ -48,7 +54,18 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
         self._cache: dict[tuple, tuple[tuple, Any]] = {}
+        # serialises what swaps or writes the base module's tensors for a call (functional_call, written deltas)
+        self._lock = threading.Lock()
         self.update_layer(adapter_name, config)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- state
     def tuned_parameters(self) -> dict[str, nn.Parameter]:
@@ -91,9 +108,12 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         }
 
     def _cached(self, key: tuple, version: tuple, build):
+        """A value derived from the indices, rebuilt when they change; never an inference tensor, so a first
+        forward under `inference_mode` cannot poison later training."""
         hit = self._cache.get(key)
         if hit is None or hit[0] != version:
-            hit = (version, build())
+            with torch.inference_mode(False), torch.no_grad():
+                hit = (version, build())
             self._cache[key] = hit
         return hit[1]
 
@@ -111,10 +131,6 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         indices = self._cached(("idx", tuple(adapters), name), version, lambda: torch.cat([i for i, _ in parts]).long())
         values = parts[0][1] if len(parts) == 1 else torch.cat([v for _, v in parts])
         return indices, values
-
-    def _structure(self, adapters: list[str], name: str, indices: torch.Tensor, shape) -> BlockStructure:
-        version = (indices.data_ptr(), indices.numel(), tuple(shape))
-        return self._cached(("block", tuple(adapters), name), version, lambda: BlockStructure.build(indices, shape))
 
     # ----------------------------------------------------------------- forward
     def _active_with_entries(self) -> list[str]:
@@ -139,8 +155,9 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
 
     def _forward_with_deltas(self, adapters: list[str], *args: Any, **kwargs: Any) -> Any:
         base = self.get_base_layer()
-        params = {name: self._composed(adapters, name, p) for name, p in self.tuned_parameters().items()}
-        return functional_call(base, params, args, kwargs, strict=False)
+        with self._lock:  # functional_call swaps the module's parameters for the call: read and swap as one
+            params = {name: self._composed(adapters, name, p) for name, p in self.tuned_parameters().items()}
+            return functional_call(base, params, args, kwargs, strict=False)
 
     # ----------------------------------------------------------------- merging
     def get_delta_weight(self, adapter_name: str, name: str = "weight") -> torch.Tensor:
@@ -199,58 +216,6 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
                 for name, saved in backup.items():
                     indices = self.sparsediff_indices[adapter][name].long()
                     base_params[name].data.view(-1).index_copy_(0, indices, saved)
-
-
-class SparseDiffLinear(SparseDiffLayer):
-    """nn.Linear (and transformers' Conv1D, `transposed=True`) with an on-the-fly composed weight."""
-
-    transposed = False
-
-    def _forward_with_deltas(self, adapters: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        base = self.get_base_layer()
-        bias = None if base.bias is None else self._composed(adapters, "bias", base.bias)
-        delta = self._delta(adapters, "weight")
-        if delta is None:
-            return matmul(x, base.weight, bias, self.transposed)
-        indices, values = delta
-        structure = self._structure(adapters, "weight", indices, base.weight.shape)
-        return sparse_delta_matmul(x, base.weight, bias, values, indices, structure, self.transposed)
-
-
-class SparseDiffConv1D(SparseDiffLinear):
-    """transformers' Conv1D (weight stored in × out)."""
-
-    transposed = True
-
-
-class SparseDiffEmbedding(SparseDiffLayer):
-    """nn.Embedding: only the delta rows of the tokens in the batch are built."""
-
-    def _forward_with_deltas(self, adapters: list[str], input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        base = self.get_base_layer()
-        delta = self._delta(adapters, "weight")
-        options = dict(
-            padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
-            scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
-        )
-        if delta is None:
-            return torch.nn.functional.embedding(input_ids, base.weight, **options)
-        return sparse_delta_embedding(input_ids, base.weight, delta[1], delta[0], **options)
-
-
-def layer_class_for(module: nn.Module) -> type[SparseDiffLayer]:
-    """The tuner layer class that wraps `module`."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        Conv1D = ()
-    if isinstance(module, nn.Linear):
-        return SparseDiffLinear
-    if Conv1D and isinstance(module, Conv1D):
-        return SparseDiffConv1D
-    if isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq:
-        return SparseDiffEmbedding
-    return SparseDiffLayer
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,14 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ..errors import BaseModelMismatchError, ConfigError, DeltaFileError
+from ..selection.distributed import is_sharded
 from ..storage.identity import ALLOW_MISMATCH_ENV, architecture_of, shapes_digest, weights_fingerprint
 from ..storage.validation import check_dense_entries, check_entries, index_dtype
 from .config import SparseDiffConfig
 from .entries import select_data_free
-from .layer import SparseDiffLayer, layer_class_for, own_parameters, tuner_targets
+from .layer import SparseDiffLayer, own_parameters, tuner_targets
 from .peft_type import PREFIX
+from .weight_layers import layer_class_for
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +40,15 @@ class SparseDiffModel(BaseTuner):
 
     def _prepare_model(self, peft_config: SparseDiffConfig, model: nn.Module) -> None:
         self._candidates, self._shared = candidate_modules(model)
+        self._output_heads = output_head_names(model)
         _check_patterns_match(peft_config, sorted(self._candidates))
 
     def _check_target_module_exists(self, peft_config: SparseDiffConfig, key: str):
         if key not in self._candidates:
             return False
         if peft_config.target_modules is None:
+            if key in self._output_heads:
+                return False  # trainers read the output head's weight directly (e.g. TRL's fused log-probs)
             catch_all = SimpleNamespace(
                 exclude_modules=peft_config.exclude_modules, modules_to_save=peft_config.modules_to_save,
                 target_modules=".*", target_parameters=None, layers_to_transform=None, layers_pattern=None,
@@ -94,6 +99,20 @@ class SparseDiffModel(BaseTuner):
             if isinstance(module, SparseDiffLayer):
                 module.check_merge(adapter_names if adapter_names is not None else module.active_adapters)
 
+    # ----------------------------------------------------------------- saving
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """peft's selection of the adapter's entries, with FSDP2 shards gathered into full tensors.
+
+        peft computes the state dict on every rank (only the main process writes it), so each DTensor among the
+        adapter's entries and the dense head (`modules_to_save`) is all-gathered here, in the same order on every
+        rank; the base weights are left sharded (they are not saved).
+        """
+        for key, value in list(state_dict.items()):
+            if is_sharded(value) and (f".{PREFIX}" in key or ".modules_to_save." in key):
+                state_dict[key] = value.full_tensor()
+        return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+
     # ----------------------------------------------------------------- loading
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
@@ -119,6 +138,24 @@ def _check_patterns_match(config: SparseDiffConfig, candidates: list[str]) -> No
             )
 
 
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the model's output embeddings (`get_output_embeddings()`, e.g. `lm_head`), tied or not.
+
+    Default targets leave them out for every task type: trainers such as TRL's SFTTrainer compute log-probabilities
+    from `lm_head.weight` directly, which would bypass (or refuse) a delta on it. Name them in `target_modules` to
+    tune them anyway.
+    """
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        head = getter() if callable(getter) else None
+    except (NotImplementedError, AttributeError):
+        head = None
+    if not isinstance(head, nn.Module):
+        return set()
+    return {name for name, module in model.named_modules(remove_duplicate=False)
+            if module is head or (isinstance(module, BaseTunerLayer) and module.get_base_layer() is head)}
+
+
 def candidate_modules(model: nn.Module) -> tuple[set[str], set[int]]:
     """Names of modules whose own parameters can carry a delta, and the ids of shared (tied) parameters.
 
@@ -126,14 +163,17 @@ def candidate_modules(model: nn.Module) -> tuple[set[str], set[int]]:
     auxiliary wrappers (modules_to_save) never do. A parameter owned by several modules (tied weights, e.g.
     input and output embeddings) is not tuned at all, since a delta on one owner would not reach the other;
     a warning names it. A module that owns parameters and also has children with parameters is skipped with
-    a warning (its children are targeted instead).
+    a warning (its children are targeted instead), except nn.MultiheadAttention: its kernel reads its children's
+    weights directly (a delta on `out_proj` would never reach the output), so it is one unit whose own in-projection
+    parameters are tuned and whose children are not.
     """
     aux_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper))
     tuner_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, BaseTunerLayer))
     owners: dict[int, list[str]] = {}
     modules = []
+    fused = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention))
     for name, module in model.named_modules(remove_duplicate=False):
-        if not name or name.startswith(aux_prefixes) or name.startswith(tuner_prefixes):
+        if not name or name.startswith(aux_prefixes) or name.startswith(tuner_prefixes) or name.startswith(fused):
             continue
         if isinstance(module, AuxiliaryTrainingWrapper):
             continue
@@ -153,7 +193,8 @@ def candidate_modules(model: nn.Module) -> tuple[set[str], set[int]]:
         params = own_parameters(module)
         if not params:
             continue
-        if any(own_parameters(child) for child in module.modules() if child is not module):
+        if not isinstance(module, nn.MultiheadAttention) and any(
+                own_parameters(child) for child in module.modules() if child is not module):
             skipped.append(name)
             continue
         if any(id(p) not in shared for p in params.values()):

@@ -1,14 +1,23 @@
-"""Autograd for sparse deltas: compose base + delta on the fly, never keep a dense composed copy for backward.
+"""Autograd for sparse deltas on large weights, without a dense composed copy.
 
-For a weight W (frozen) and a sparse delta (flat indices, values), the output uses W + Δ, but autograd saves
-only the input, W itself and the delta. The values' gradient is the dense weight gradient gathered at the
-indices; it is computed only on the sub-block of rows × columns that hold a selected entry, so rows and
-columns without one cost nothing.
+Two ways to run a weight W with a sparse delta Δ (flat indices, fp32 values):
+
+- **written in** (the fast path): for the duration of the kernel, W holds θ0 + Δ at the indices (k entries
+  written, then θ0 written back, under the layer's lock), so the forward is the frozen model's own matmul and no
+  one ever sees W other than θ0. Backward computes the input gradient the same way and the values' gradient on
+  the rows × columns sub-block that holds entries, from the touched input columns only (all autograd keeps of
+  the input).
+- **separate sparse term** (several active adapters, or a weight that cannot be written): y = base(x) + x Δᵀ,
+  with x Δᵀ computed on the same sub-block.
+
+Both follow `torch.autocast`: the matmuls run in the autocast (or weight) dtype, the values and their gradients
+stay fp32. Nothing is cached outside the call, so a forward under `inference_mode` or `no_grad` leaves no state.
 """
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -23,37 +32,19 @@ def compose(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -
     return weight.reshape(-1).index_add(0, indices, values.to(weight.dtype)).view_as(weight)
 
 
-_scratch = threading.local()
-
-
-def compose_scratch(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """`compose` into one reusable buffer per (device, dtype): no fresh allocation (and page faults) per call.
-
-    The result is only valid until the next call; callers use it at once and never keep it.
-    """
-    key = (weight.device, weight.dtype)
-    buffers = getattr(_scratch, "buffers", None)
-    if buffers is None:
-        buffers = _scratch.buffers = {}
-    buffer = buffers.get(key)
-    if buffer is None or buffer.numel() < weight.numel():
-        buffer = buffers[key] = torch.empty(weight.numel(), dtype=weight.dtype, device=weight.device)
-    out = buffer[: weight.numel()].view_as(weight)
-    out.copy_(weight)
-    out.view(-1).index_add_(0, indices, values.detach().to(weight.dtype))
-    return out
-
-
 @dataclass(frozen=True)
 class BlockStructure:
-    """Where the selected entries of a 2-D weight lie: the touched rows, columns, and positions in that block."""
+    """Where the selected entries of a 2-D weight (rows × cols) lie: touched rows, columns, positions in that block."""
 
     rows: torch.Tensor | None  # sorted touched rows, None = all rows
     cols: torch.Tensor | None  # sorted touched columns, None = all columns
     positions: torch.Tensor  # flat position of each entry inside the rows × cols block
+    n_rows: int
+    n_cols: int
 
     @staticmethod
     def build(indices: torch.Tensor, shape: tuple[int, int]) -> BlockStructure:
+        """Built once per set of indices (it syncs with the host); never in a training step."""
         n_rows, n_cols = shape
         row, col = indices // n_cols, indices % n_cols
         rows, row_local = torch.unique(row, return_inverse=True)
@@ -63,44 +54,33 @@ class BlockStructure:
         if cols.numel() >= _RESTRICT_BELOW * n_cols:
             cols, col_local = None, col
         width = n_cols if cols is None else cols.numel()
-        return BlockStructure(rows, cols, row_local * width + col_local)
+        return BlockStructure(rows, cols, row_local * width + col_local, n_rows, n_cols)
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        return (self.n_rows if self.rows is None else self.rows.numel(),
+                self.n_cols if self.cols is None else self.cols.numel())
+
+    def take_rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.rows is None else t.index_select(-1, self.rows)
+
+    def take_cols(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.cols is None else t.index_select(-1, self.cols)
 
     def gather_gradient(self, row_side: torch.Tensor, col_side: torch.Tensor) -> torch.Tensor:
-        """Entries of `row_side.T @ col_side` (tokens × rows, tokens × cols) at the selected positions."""
-        if self.rows is not None:
-            row_side = row_side.index_select(1, self.rows)
-        if self.cols is not None:
-            col_side = col_side.index_select(1, self.cols)
+        """Entries of `row_sideᵀ @ col_side` (tokens × rows-block, tokens × cols-block) at the entries' positions."""
         return (row_side.t() @ col_side).reshape(-1).index_select(0, self.positions)
 
+    def dense_block(self, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The rows × cols block of Δ (duplicates, from several adapters, are summed)."""
+        block = torch.zeros(self.block_shape, dtype=dtype, device=values.device)
+        return block.view(-1).index_put_((self.positions,), values.to(dtype), accumulate=True).view(self.block_shape)
 
-class SparseDeltaMatmul(torch.autograd.Function):
-    """y = x (W + Δ)ᵀ + b for nn.Linear (W: out × in), or y = x (W + Δ) + b for Conv1D (W: in × out)."""
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, values, indices, structure, transposed):
-        composed = compose_scratch(weight, indices, values)
-        out = matmul(x, composed, bias, transposed)
-        ctx.save_for_backward(x, weight, values, indices)
-        ctx.structure = structure
-        ctx.transposed = transposed
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, values, indices = ctx.saved_tensors
-        grad_x = grad_bias = grad_values = None
-        if ctx.needs_input_grad[0]:
-            composed = compose_scratch(weight, indices, values)
-            grad_x = grad_out @ (composed.t() if ctx.transposed else composed)
-        go2 = grad_out.reshape(-1, grad_out.shape[-1])
-        if ctx.needs_input_grad[2]:
-            grad_bias = go2.sum(0)
-        if ctx.needs_input_grad[3]:
-            x2 = x.reshape(-1, x.shape[-1])
-            row_side, col_side = (x2, go2) if ctx.transposed else (go2, x2)
-            grad_values = ctx.structure.gather_gradient(row_side, col_side).to(values.dtype)
-        return grad_x, None, grad_bias, grad_values, None, None, None
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
@@ -111,43 +91,195 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tra
     return out if bias is None else out + bias
 
 
-def sparse_delta_matmul(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    values: torch.Tensor,
-    indices: torch.Tensor,
-    structure: BlockStructure,
-    transposed: bool = False,
-) -> torch.Tensor:
-    """Linear map through `weight` + sparse delta; see `SparseDeltaMatmul`."""
-    if torch.is_grad_enabled() and (values.requires_grad or x.requires_grad or
-                                    (bias is not None and bias.requires_grad)):
-        return SparseDeltaMatmul.apply(x, weight, bias, values, indices, structure, transposed)
-    return matmul(x, compose_scratch(weight, indices, values), bias, transposed)
+@contextmanager
+def delta_written(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, lock) -> Iterator[torch.Tensor]:
+    """W holds θ0 + Δ inside the block and θ0 again after it (O(k) each way; bit-exact). Yields the written entries.
+
+    Writes go through `.data`, so autograd's version counter of W does not move; the lock keeps two threads that
+    share the module from seeing each other's writes.
+    """
+    flat = weight.data.view(-1)
+    with lock, torch.no_grad():
+        theta0 = flat.index_select(0, indices)
+        wide = torch.promote_types(flat.dtype, torch.float32)
+        written = (theta0.to(wide) + values.detach().to(wide)).to(flat.dtype)
+        flat.index_copy_(0, indices, written)
+        try:
+            yield written
+        finally:
+            flat.index_copy_(0, indices, theta0)
+
+
+class WrittenDeltaMatmul(torch.autograd.Function):
+    """y = x (θ0 + Δ)ᵀ + b computed with Δ written into W; the values' gradient comes from the sub-block."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, structure, transposed, indices, lock):
+        device = x.device.type
+        with delta_written(weight, indices, values, lock):
+            out = matmul(x, weight, bias, transposed)
+        ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device), device)
+        ctx.compute_dtype = out.dtype
+        # Linear: entries sit at (output row, input column); Conv1D (in × out): (input row, output column)
+        x2 = x.reshape(-1, x.shape[-1])
+        x_side = structure.take_rows(x2) if transposed else structure.take_cols(x2)
+        ctx.save_for_backward(x_side.to(out.dtype) if values.requires_grad else None, values)
+        ctx.weight, ctx.indices, ctx.lock = weight, indices, lock
+        ctx.structure, ctx.transposed, ctx.x_shape = structure, transposed, x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_side, values = ctx.saved_tensors
+        enabled, dtype, device = ctx.autocast
+        grad_x = grad_bias = grad_values = None
+        go2 = grad_out.reshape(-1, grad_out.shape[-1])
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            if ctx.needs_input_grad[0]:
+                with delta_written(ctx.weight, ctx.indices, values, ctx.lock):
+                    weight = ctx.weight.to(ctx.compute_dtype)
+                    grad_x = (go2 @ (weight.t() if ctx.transposed else weight)).view(ctx.x_shape)
+            if ctx.needs_input_grad[2]:
+                grad_bias = go2.sum(0)
+            if ctx.needs_input_grad[3]:
+                g_side = ctx.structure.take_cols(go2) if ctx.transposed else ctx.structure.take_rows(go2)
+                row_side, col_side = (x_side, g_side) if ctx.transposed else (g_side, x_side)
+                grad_values = ctx.structure.gather_gradient(row_side.to(go2.dtype), col_side).float()
+        return grad_x, None, grad_bias, grad_values, None, None, None, None
+
+
+class SparseTermMatmul(torch.autograd.Function):
+    """x Δᵀ (Linear) or x Δ (Conv1D) for a sparse Δ, computed on its rows × cols block only."""
+
+    @staticmethod
+    def forward(ctx, x, values, structure, transposed, out_features):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        ctx.autocast = (torch.is_autocast_enabled(device), dtype, device)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        block = structure.dense_block(values, dtype)  # (block rows, block cols)
+        if transposed:  # Conv1D: W is in × out; x[:, rows] @ block -> out[:, cols]
+            x_side = structure.take_rows(x2)
+            part = x_side @ block
+            scatter = structure.cols
+        else:  # Linear: W is out × in; x[:, cols] @ blockᵀ -> out[:, rows]
+            x_side = structure.take_cols(x2)
+            part = x_side @ block.t()
+            scatter = structure.rows
+        if scatter is None:
+            out = part
+        else:
+            out = torch.zeros(x2.shape[0], out_features, dtype=dtype, device=x.device).index_copy_(1, scatter, part)
+        ctx.save_for_backward(x_side if values.requires_grad else None, block if x.requires_grad else None)
+        ctx.structure, ctx.transposed, ctx.x_shape, ctx.x_dtype = structure, transposed, x.shape, x.dtype
+        return out.view(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_side, block = ctx.saved_tensors
+        structure = ctx.structure
+        go2 = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = grad_values = None
+        g_side = structure.take_cols(go2) if ctx.transposed else structure.take_rows(go2)
+        if ctx.needs_input_grad[0]:
+            part = g_side.to(block.dtype) @ (block.t() if ctx.transposed else block)
+            gather = structure.rows if ctx.transposed else structure.cols
+            if gather is None:
+                grad_x = part
+            else:
+                grad_x = torch.zeros(go2.shape[0], ctx.x_shape[-1], dtype=part.dtype, device=part.device)
+                grad_x.index_copy_(1, gather, part)
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            g_side = g_side.to(x_side.dtype)
+            row_side, col_side = (x_side, g_side) if ctx.transposed else (g_side, x_side)
+            grad_values = structure.gather_gradient(row_side, col_side).float()
+        return grad_x, grad_values, None, None, None
+
+
+def sparse_term(x: torch.Tensor, values: torch.Tensor, structure: BlockStructure, transposed: bool,
+                out_features: int) -> torch.Tensor:
+    """x Δᵀ (or x Δ for Conv1D) on the delta's sub-block; see `SparseTermMatmul`."""
+    return SparseTermMatmul.apply(x, values, structure, transposed, out_features)
+
+
+@dataclass(frozen=True)
+class EmbeddingStructure:
+    """Where the entries of an embedding table lie, for a values gradient with fixed-size scatters (no host sync).
+
+    `row_slot` maps each vocabulary row to its slot among the rows holding entries (rows without one share a spare
+    last slot); each entry sits at (`entry_slot`, `entry_col`); `entry_live` is 0 for entries on the padding row,
+    which gets no gradient, as in dense training.
+    """
+
+    row_slot: torch.Tensor
+    entry_slot: torch.Tensor
+    entry_col: torch.Tensor
+    entry_live: torch.Tensor
+    n_slots: int
+
+    @staticmethod
+    def build(indices: torch.Tensor, shape: tuple[int, int], padding_idx: int | None) -> EmbeddingStructure:
+        """Built once per set of indices (it syncs with the host); never in a training step."""
+        n_rows, dim = shape
+        rows, entry_slot = torch.unique(indices // dim, return_inverse=True)
+        row_slot = torch.full((n_rows,), rows.numel(), dtype=torch.long, device=indices.device)
+        row_slot[rows] = torch.arange(rows.numel(), device=indices.device)
+        live = torch.ones(indices.numel(), dtype=torch.float32, device=indices.device)
+        if padding_idx is not None:
+            live[(indices // dim) == padding_idx % n_rows] = 0.0
+        return EmbeddingStructure(row_slot, entry_slot, indices % dim, live, rows.numel() + 1)
+
+
+class WrittenDeltaEmbedding(torch.autograd.Function):
+    """Embedding lookup in W holding θ0 + Δ; the values' gradient sums the output gradients of the tokens of each
+    entry's row (see `EmbeddingStructure`)."""
+
+    @staticmethod
+    def forward(ctx, input_ids, weight, values, structure, indices, lock, options):
+        ctx.save_for_backward(input_ids)
+        ctx.structure = structure
+        with delta_written(weight, indices, values, lock):
+            return F.embedding(input_ids, weight, **options)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (input_ids,) = ctx.saved_tensors
+        s = ctx.structure
+        grad_values = None
+        if ctx.needs_input_grad[2]:
+            slots = s.row_slot.index_select(0, input_ids.reshape(-1))
+            sums = torch.zeros(s.n_slots, grad_out.shape[-1], dtype=torch.float32, device=grad_out.device)
+            sums.index_add_(0, slots, grad_out.reshape(-1, grad_out.shape[-1]).float())
+            grad_values = sums[s.entry_slot, s.entry_col] * s.entry_live
+        return None, None, grad_values, None, None, None, None
+
+
+def written_delta_embedding(input_ids, weight, values, structure: EmbeddingStructure, indices, lock,
+                            **options) -> torch.Tensor:
+    """Embedding lookup with the delta written into the table; see `WrittenDeltaEmbedding`."""
+    if torch.is_grad_enabled() and values.requires_grad:
+        return WrittenDeltaEmbedding.apply(input_ids, weight, values, structure, indices, lock, options)
+    with delta_written(weight, indices, values, lock):
+        return F.embedding(input_ids, weight, **options)
 
 
 def sparse_delta_embedding(
-    input_ids: torch.Tensor, weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, **kwargs
+    input_ids: torch.Tensor, weight: torch.Tensor, values: torch.Tensor, structure: EmbeddingStructure, **options
 ) -> torch.Tensor:
-    """Embedding lookup through `weight` + sparse delta, touching only the rows present in `input_ids`.
+    """Embedding lookup through `weight` + a separate sparse delta: the table plus Δ's rows of the batch's tokens."""
+    out = F.embedding(input_ids, weight, **options)
+    n_rows, dim = weight.shape
+    live = values * structure.entry_live.to(values.dtype) + (values * (1 - structure.entry_live)).detach()
+    rows = torch.zeros(structure.n_slots, dim, dtype=out.dtype, device=out.device)
+    rows = rows.index_put((structure.entry_slot, structure.entry_col), live.to(out.dtype), accumulate=True)
+    return out + rows.index_select(0, structure.row_slot.index_select(0, input_ids.reshape(-1))).view_as(out)
 
-    The delta rows of the tokens in the batch are built in a compact (unique tokens × dim) buffer; autograd
-    keeps only O(tokens × dim) state, and entries whose row is not in the batch get a zero gradient.
-    """
-    dim = weight.shape[1]
-    out = F.embedding(input_ids, weight, **kwargs)
-    unique, inverse = torch.unique(input_ids, return_inverse=True)
-    slot = torch.full((weight.shape[0],), -1, dtype=torch.long, device=weight.device)
-    slot[unique] = torch.arange(unique.numel(), device=weight.device)
-    entry_slot = slot[indices // dim]
-    present = (entry_slot >= 0).nonzero().squeeze(1)
-    entry_values = values.index_select(0, present).to(weight.dtype)
-    padding_idx = kwargs.get("padding_idx")
-    if padding_idx is not None:  # the padding row gets no gradient, as in dense training
-        in_padding_row = (indices.index_select(0, present) // dim) == (padding_idx % weight.shape[0])
-        entry_values = torch.where(in_padding_row, entry_values.detach(), entry_values)
-    flat = entry_slot.index_select(0, present) * dim + indices.index_select(0, present) % dim
-    rows = torch.zeros(unique.numel() * dim, dtype=weight.dtype, device=weight.device)
-    rows = rows.index_add(0, flat, entry_values)
-    return out + rows.view(-1, dim)[inverse]
+
+def written_delta_matmul(x, weight, bias, values, structure, transposed, indices, lock) -> torch.Tensor:
+    """Linear map with the delta written into the weight; see `WrittenDeltaMatmul`."""
+    needs_grad = values.requires_grad or x.requires_grad or (bias is not None and bias.requires_grad)
+    if torch.is_grad_enabled() and needs_grad:
+        return WrittenDeltaMatmul.apply(x, weight, bias, values, structure, transposed, indices, lock)
+    with delta_written(weight, indices, values, lock):
+        return matmul(x, weight, bias, transposed)

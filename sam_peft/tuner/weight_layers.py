@@ -1,0 +1,125 @@
+"""Linear, transformers Conv1D and Embedding layers: the large weight runs with the active delta written in.
+
+With one active adapter and a writable float weight, each kernel that reads the weight (the forward, and the
+input gradient in backward) runs with W[idx] = θ0[idx] + values written in (in W's dtype; the fp32 values are the
+master copy), and θ0 is written back right after: O(k) each way, no dense copy, no host sync, and W holds θ0
+whenever anyone else looks (state dict, merging, fingerprints, other adapters). Where W cannot be written (several
+active adapters, quantized or sharded weights) the delta runs as a separate sparse term on its sub-block instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layer import SparseDiffLayer
+from .ops import (
+    BlockStructure,
+    EmbeddingStructure,
+    matmul,
+    sparse_delta_embedding,
+    sparse_term,
+    written_delta_embedding,
+    written_delta_matmul,
+)
+
+
+def _writable(weight: torch.Tensor) -> bool:
+    """A plain float tensor on a real device (not a quantized, sharded or meta parameter)."""
+    return type(weight) in (nn.Parameter, torch.Tensor) and weight.dtype.is_floating_point \
+        and weight.device.type != "meta"
+
+
+class _WeightDeltaLayer(SparseDiffLayer):
+    """A layer whose `weight` carries a delta through the fast paths of `ops`."""
+
+    def _weight_delta(self, adapters: list[str]):
+        """(writable, int64 indices, values) of the weight's delta over the active adapters, or None."""
+        if "weight" not in self.tuned_parameters():
+            return None
+        delta = self._delta(adapters, "weight")
+        if delta is None:
+            return None
+        return len(adapters) == 1 and _writable(self.get_base_layer().weight), delta[0], delta[1]
+
+
+class SparseDiffLinear(_WeightDeltaLayer):
+    """nn.Linear (and transformers' Conv1D, `transposed=True`)."""
+
+    transposed = False
+
+    @property
+    def in_features(self) -> int:
+        weight = self.get_base_layer().weight
+        return weight.shape[0] if self.transposed else weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        weight = self.get_base_layer().weight
+        return weight.shape[1] if self.transposed else weight.shape[0]
+
+    def _block(self, adapters: list[str], indices: torch.Tensor) -> BlockStructure:
+        shape = tuple(self.get_base_layer().weight.shape)
+        version = (indices.data_ptr(), indices.numel(), shape)
+        return self._cached(("block", tuple(adapters)), version, lambda: BlockStructure.build(indices, shape))
+
+    def _forward_with_deltas(self, adapters: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        base = self.get_base_layer()
+        bias = None if base.bias is None else self._composed(adapters, "bias", base.bias)
+        found = self._weight_delta(adapters)
+        if found is None:
+            return matmul(x, base.weight, bias, self.transposed)
+        writable, indices, values = found
+        structure = self._block(adapters, indices)
+        if writable:
+            return written_delta_matmul(x, base.weight, bias, values, structure, self.transposed, indices, self._lock)
+        out = matmul(x, base.weight, bias, self.transposed) if bias is not base.bias else base(x, *args, **kwargs)
+        return out + sparse_term(x, values, structure, self.transposed, self.out_features).to(out.dtype)
+
+
+class SparseDiffConv1D(SparseDiffLinear):
+    """transformers' Conv1D (weight stored in × out)."""
+
+    transposed = True
+
+
+class SparseDiffEmbedding(_WeightDeltaLayer):
+    """nn.Embedding: the lookup reads the table with the delta written in; the values' gradient sums per row."""
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.get_base_layer().num_embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.get_base_layer().embedding_dim
+
+    def _forward_with_deltas(self, adapters: list[str], input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.get_base_layer()
+        options = dict(padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
+                       scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+        found = self._weight_delta(adapters)
+        if found is None:
+            return torch.nn.functional.embedding(input_ids, base.weight, **options)
+        writable, indices, values = found
+        shape = tuple(base.weight.shape)
+        structure = self._cached(("rows", tuple(adapters)), (indices.data_ptr(), indices.numel(), shape),
+                                 lambda: EmbeddingStructure.build(indices, shape, base.padding_idx))
+        if writable:
+            return written_delta_embedding(input_ids, base.weight, values, structure, indices, self._lock, **options)
+        return sparse_delta_embedding(input_ids, base.weight, values, structure, **options)
+
+
+def layer_class_for(module: nn.Module) -> type[SparseDiffLayer]:
+    """The tuner layer class that wraps `module`."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, nn.Linear):
+        return SparseDiffLinear
+    if isinstance(module, Conv1D):
+        return SparseDiffConv1D
+    if isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq:
+        return SparseDiffEmbedding
+    return SparseDiffLayer
