@@ -90,59 +90,12 @@ def prepare_method(model: nn.Module, settings, task, *, burn_in: int, total_step
         return PreparedMethod(model)
     if method in SELECTIONS:
         return _sparse_delta(model, settings, task_type, head, burn_in)
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(r=settings.lora_r, lora_alpha=2 * settings.lora_r, lora_dropout=0.1,
-                            target_modules=["query", "key", "value", "dense"], task_type=task_type,
-                            modules_to_save=head)
-        return PreparedMethod(get_peft_model(model, config))
-    if method == "adapter":
-        from peft import get_peft_model
-
-        from .baselines.adapters import BottleneckConfig
-
-        config = BottleneckConfig(placement=settings.adapter_placement, reduction_factor=settings.adapter_reduction,
-                                  task_type=task_type, modules_to_save=head)
-        return PreparedMethod(get_peft_model(model, config))
+    if method in ("lora", "adapter"):
+        return _peft_adapter(model, settings, task_type, head)
     if method in ("parallel_adapter", "prefix", "mam"):
         return _unified(model, settings, task_type, head)
-    if method == "mixout":
-        from .baselines.mixout import apply_mixout, remove_mixout
-
-        apply_mixout(model, settings.mixout_p)
-        return PreparedMethod(model, finalize=lambda: remove_mixout(model))
-    if method == "childpruning":
-        from .baselines.childpruning import ProjectionCallback
-
-        callback = ProjectionCallback(model, settings.sparsity, _warm_up(burn_in, total_steps),
-                                      every=settings.projection_every)
-        return PreparedMethod(model, [callback], describe=lambda: {
-            "projection_steps": callback.projection_steps, "projections": callback.projections,
-            "changed_entries": callback.changed_entries()})
-    if method == "diffpruning":
-        from .baselines.diffpruning import DiffPruningCallback, attach_gated_diffs, bake
-
-        gated = attach_gated_diffs(model)
-        callback = DiffPruningCallback(gated, settings.sparsity, _warm_up(burn_in, total_steps),
-                                       l0_weight=settings.l0_weight, reproject_every=settings.reproject_every)
-        def finalize() -> None:
-            callback.finish()
-            bake(model)
-
-        return PreparedMethod(model, [callback], loss_terms=[callback.penalty], finalize=finalize,
-                              describe=lambda: {"projection_steps": callback.projection_steps,
-                                                "projections": callback.projections,
-                                                "l0_penalty_by_step": callback.penalty_by_step})
-    if method == "dps":
-        from .baselines.dps import DPSCallback
-        from .baselines.mixout import set_dropout
-
-        set_dropout(model, 0.0)
-        stage = max(1, round(settings.dps_stage_ratio * total_steps))
-        callback = DPSCallback(model, stage, keep=settings.dps_keep)
-        return PreparedMethod(model, [callback], describe=lambda: {"stage_steps": stage,
-                                                                   "selections": callback.selections})
+    if method in _DENSE_BASELINES:
+        return _DENSE_BASELINES[method](model, settings, burn_in, total_steps)
     raise ValueError(f"method={method!r} is unknown; choose one of {list(METHODS)}.")
 
 
@@ -184,6 +137,72 @@ def _unified(model, settings, task_type, head) -> PreparedMethod:
     facts = {key: getattr(config, key) for key in ("style", "placement", "r", "scaling", "num_virtual_tokens")
              if hasattr(config, key)}
     return PreparedMethod(wrapped, describe=lambda: dict(facts))
+
+
+def _peft_adapter(model, settings, task_type, head) -> PreparedMethod:
+    """peft's LoRA (r from the settings, alpha = 2r, on every attention and dense projection) or the
+    bottleneck adapters (`sam_peft.baselines.adapters`)."""
+    from peft import LoraConfig, get_peft_model
+
+    if settings.method == "lora":
+        config = LoraConfig(r=settings.lora_r, lora_alpha=2 * settings.lora_r, lora_dropout=0.1,
+                            target_modules=["query", "key", "value", "dense"], task_type=task_type,
+                            modules_to_save=head)
+    else:
+        from .baselines.adapters import BottleneckConfig
+
+        config = BottleneckConfig(placement=settings.adapter_placement, reduction_factor=settings.adapter_reduction,
+                                  task_type=task_type, modules_to_save=head)
+    return PreparedMethod(get_peft_model(model, config))
+
+
+def _mixout(model, settings, burn_in: int, total_steps: int) -> PreparedMethod:
+    from .baselines.mixout import apply_mixout, remove_mixout
+
+    apply_mixout(model, settings.mixout_p)
+    return PreparedMethod(model, finalize=lambda: remove_mixout(model))
+
+
+def _childpruning(model, settings, burn_in: int, total_steps: int) -> PreparedMethod:
+    from .baselines.childpruning import ProjectionCallback
+
+    callback = ProjectionCallback(model, settings.sparsity, _warm_up(burn_in, total_steps),
+                                  every=settings.projection_every)
+    return PreparedMethod(model, [callback], describe=lambda: {
+        "projection_steps": callback.projection_steps, "projections": callback.projections,
+        "changed_entries": callback.changed_entries()})
+
+
+def _diffpruning(model, settings, burn_in: int, total_steps: int) -> PreparedMethod:
+    from .baselines.diffpruning import DiffPruningCallback, attach_gated_diffs, bake
+
+    gated = attach_gated_diffs(model)
+    callback = DiffPruningCallback(gated, settings.sparsity, _warm_up(burn_in, total_steps),
+                                   l0_weight=settings.l0_weight, reproject_every=settings.reproject_every)
+
+    def finalize() -> None:
+        callback.finish()
+        bake(model)
+
+    return PreparedMethod(model, [callback], loss_terms=[callback.penalty], finalize=finalize,
+                          describe=lambda: {"projection_steps": callback.projection_steps,
+                                            "projections": callback.projections,
+                                            "l0_penalty_by_step": callback.penalty_by_step})
+
+
+def _dps(model, settings, burn_in: int, total_steps: int) -> PreparedMethod:
+    from .baselines.dps import DPSCallback
+    from .baselines.mixout import set_dropout
+
+    set_dropout(model, 0.0)
+    stage = max(1, round(settings.dps_stage_ratio * total_steps))
+    callback = DPSCallback(model, stage, keep=settings.dps_keep)
+    return PreparedMethod(model, [callback], describe=lambda: {"stage_steps": stage,
+                                                               "selections": callback.selections})
+
+
+# The dense baselines (`sam_peft.baselines`): method -> builder(model, settings, burn_in, total_steps).
+_DENSE_BASELINES = {"mixout": _mixout, "childpruning": _childpruning, "diffpruning": _diffpruning, "dps": _dps}
 
 
 def _warm_up(burn_in: int, total_steps: int) -> int:

@@ -122,9 +122,9 @@ def _drop_rows(dataset, fraction: float, seed: int):
 
 def run_training(settings: TrainSettings) -> dict:
     """Train, evaluate and write the outputs; returns the metrics dict written to metrics.json."""
-    from transformers import AutoTokenizer, EarlyStoppingCallback, TrainingArguments, set_seed
+    from transformers import EarlyStoppingCallback, set_seed
 
-    from .tasks import collator_for, encode, load_task, metrics_fn_for_trainer, resolve_task
+    from .tasks import collator_for, metrics_fn_for_trainer, resolve_task
 
     task = resolve_task(settings.task)
     out_dir = Path(settings.output)
@@ -133,10 +133,7 @@ def run_training(settings: TrainSettings) -> dict:
     set_seed(settings.seed)
     started = time.perf_counter()
 
-    splits = load_task(task, data_dir=settings.data_dir, seed=settings.seed, limit=settings.limit)
-    splits["train"] = _drop_rows(splits["train"], settings.drop_fraction, settings.seed)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    encoded = {name: encode(task, tokenizer, ds, max_length=settings.max_length) for name, ds in splits.items()}
+    tokenizer, encoded = _load_encoded(task, settings, model_path)
     steps_per_epoch = math.ceil(len(encoded["train"]) / settings.batch_size)
     total_steps = settings.max_steps if settings.max_steps > 0 else math.ceil(settings.epochs * steps_per_epoch)
     eval_steps = settings.eval_steps or max(10, min(200, steps_per_epoch // 2))
@@ -145,7 +142,72 @@ def run_training(settings: TrainSettings) -> dict:
                               total_steps=total_steps)
     model = prepared.model
     trainable = count_trainable(model)
-    args = TrainingArguments(
+    args = _training_arguments(settings, out_dir, total_steps, eval_steps)
+    callbacks = [*prepared.callbacks, EarlyStoppingCallback(early_stopping_patience=settings.patience)]
+    trainer = _trainer_class(prepared.loss_terms)(
+        model=model, args=args, train_dataset=encoded["train"], eval_dataset=encoded["heldout"],
+        data_collator=collator_for(task, tokenizer), compute_metrics=metrics_fn_for_trainer(task),
+        callbacks=callbacks,
+    )
+    train_output, train_seconds, method_facts = _train(trainer, prepared)
+    heldout_metrics, dev_metrics, train_metrics = _evaluate(trainer, encoded, settings)
+
+    adapter_dir = out_dir / "adapter"
+    trainer.save_model(str(adapter_dir))
+    tokenizer.save_pretrained(str(adapter_dir))
+    delta_bytes = _adapter_bytes(adapter_dir)
+    trainer.save_state()
+    _remove_checkpoints(out_dir / "checkpoints")
+
+    settings_dict = asdict(settings)
+    settings_dict["model"] = model_path if settings.model else PACKAGED_MODEL
+    metrics = {
+        "task": task.name,
+        "method": settings.method,
+        "seed": settings.seed,
+        "sparsity": settings.sparsity if settings.method in SELECTIONS else None,
+        "model": settings_dict["model"],
+        "metric": dev_metrics.get("primary"),  # the official dev split's primary metric
+        "metrics": dev_metrics,
+        "heldout_metrics": heldout_metrics,
+        "train_metrics": train_metrics,
+        "train_seconds": train_seconds,
+        "total_seconds": time.perf_counter() - started,
+        "burn_in_seconds": method_facts.get("burn_in_seconds"),
+        "burn_in_steps": method_facts.get("burn_in_steps"),
+        "method_facts": method_facts,
+        "global_steps": trainer.state.global_step,
+        "train_loss": train_output.training_loss,
+        "trainable_params": trainable,
+        "delta_bytes": delta_bytes,
+        "settings": settings_dict,
+        "num_labels": task.num_labels,
+        "status": "done",
+        "log_history": trainer.state.log_history,
+    }
+    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
+    _plots(out_dir, model, trainer, settings)
+    return metrics
+
+
+def _load_encoded(task, settings: TrainSettings, model_path: str) -> tuple:
+    """The tokenizer and the encoded splits (train, heldout: the seeded 10 % of train, dev: the official dev)."""
+    from transformers import AutoTokenizer
+
+    from .tasks import encode, load_task
+
+    splits = load_task(task, data_dir=settings.data_dir, seed=settings.seed, limit=settings.limit)
+    splits["train"] = _drop_rows(splits["train"], settings.drop_fraction, settings.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    encoded = {name: encode(task, tokenizer, ds, max_length=settings.max_length) for name, ds in splits.items()}
+    return tokenizer, encoded
+
+
+def _training_arguments(settings: TrainSettings, out_dir: Path, total_steps: int, eval_steps: int):
+    """Evaluate on the held-out split every `eval_steps`, keep the best checkpoint by its primary metric."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         output_dir=str(out_dir / "checkpoints"),
         learning_rate=settings.lr,
         per_device_train_batch_size=settings.batch_size,
@@ -170,62 +232,35 @@ def run_training(settings: TrainSettings) -> dict:
         disable_tqdm=not settings.progress,
         dataloader_num_workers=0,
     )
-    callbacks = [*prepared.callbacks, EarlyStoppingCallback(early_stopping_patience=settings.patience)]
-    trainer = _trainer_class(prepared.loss_terms)(
-        model=model, args=args, train_dataset=encoded["train"], eval_dataset=encoded["heldout"],
-        data_collator=collator_for(task, tokenizer), compute_metrics=metrics_fn_for_trainer(task),
-        callbacks=callbacks,
-    )
-    train_start = time.perf_counter()
-    train_output = trainer.train()
-    train_seconds = time.perf_counter() - train_start
-    trainer.remove_callback(EarlyStoppingCallback)
+
+
+def _train(trainer, prepared) -> tuple:
+    """Train (early stopping on the held-out split), then finish the method (e.g. bake DiffPruning's diff):
+    (the Trainer's output, training seconds, the method's facts for metrics.json)."""
+    from transformers import EarlyStoppingCallback
+
+    start = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - start
+    trainer.remove_callback(EarlyStoppingCallback)  # the evaluations after training must not stop anything
     if prepared.finalize is not None:
         prepared.finalize()
-    method_facts = prepared.describe() if prepared.describe is not None else {}
-    heldout_metrics = trainer.evaluate(encoded["heldout"], metric_key_prefix="heldout")
-    dev_metrics = trainer.evaluate(encoded["dev"], metric_key_prefix="dev")
-    train_metrics = {}
-    if settings.train_eval_limit:  # training-set fit (Fig. 5): the first `train_eval_limit` training rows
-        train_rows = encoded["train"].select(range(min(settings.train_eval_limit, len(encoded["train"]))))
-        train_metrics = trainer.evaluate(train_rows, metric_key_prefix="train")
+    return output, seconds, prepared.describe() if prepared.describe is not None else {}
 
-    adapter_dir = out_dir / "adapter"
-    trainer.save_model(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
-    delta_bytes = _adapter_bytes(adapter_dir)
-    trainer.save_state()
-    _remove_checkpoints(out_dir / "checkpoints")
 
-    settings_dict = asdict(settings)
-    settings_dict["model"] = model_path if settings.model else PACKAGED_MODEL
-    metrics = {
-        "task": task.name,
-        "method": settings.method,
-        "seed": settings.seed,
-        "sparsity": settings.sparsity if settings.method in SELECTIONS else None,
-        "model": settings_dict["model"],
-        "metric": dev_metrics.get("dev_primary"),  # the official dev split's primary metric
-        "metrics": {k.removeprefix("dev_"): v for k, v in dev_metrics.items()},
-        "heldout_metrics": {k.removeprefix("heldout_"): v for k, v in heldout_metrics.items()},
-        "train_metrics": {k.removeprefix("train_"): v for k, v in train_metrics.items()},
-        "train_seconds": train_seconds,
-        "total_seconds": time.perf_counter() - started,
-        "burn_in_seconds": method_facts.get("burn_in_seconds"),
-        "burn_in_steps": method_facts.get("burn_in_steps"),
-        "method_facts": method_facts,
-        "global_steps": trainer.state.global_step,
-        "train_loss": train_output.training_loss,
-        "trainable_params": trainable,
-        "delta_bytes": delta_bytes,
-        "settings": settings_dict,
-        "num_labels": task.num_labels,
-        "status": "done",
-        "log_history": trainer.state.log_history,
-    }
-    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
-    _plots(out_dir, model, trainer, settings)
-    return metrics
+def _evaluate(trainer, encoded: dict, settings: TrainSettings) -> tuple[dict, dict, dict]:
+    """Metrics (without their split prefix) on the held-out split, the official dev split and, for the
+    training-set fit (Fig. 5), the first `train_eval_limit` training rows ({} when that is 0)."""
+
+    def evaluate(dataset, split: str) -> dict:
+        metrics = trainer.evaluate(dataset, metric_key_prefix=split)
+        return {key.removeprefix(f"{split}_"): value for key, value in metrics.items()}
+
+    heldout, dev, train = evaluate(encoded["heldout"], "heldout"), evaluate(encoded["dev"], "dev"), {}
+    if settings.train_eval_limit:
+        train = evaluate(encoded["train"].select(range(min(settings.train_eval_limit, len(encoded["train"])))),
+                         "train")
+    return heldout, dev, train
 
 
 def _trainer_class(loss_terms: list):
