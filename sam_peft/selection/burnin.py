@@ -16,7 +16,18 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError, SelectionError
 from ..tuner.entries import install, select_data_free
-from .budget import choose
+from .budget import choose, per_tensor_budget
+from .distributed import (
+    Shard,
+    all_reduce_,
+    any_rank,
+    check_engine,
+    ddp_wrappers_of,
+    initialized,
+    rebuild_ddp,
+    sync_shards_requires_grad,
+    topk_sharded,
+)
 from .report import SelectionReport
 from .scores import SELECTIONS, SIGNALS
 from .targets import Target, resolve_adapter, targets, tuner_of
@@ -49,6 +60,8 @@ def select_parameters(
     hutchinson_samples: int = 1,
     dropout: bool = True,
     progress: bool = True,
+    statistics_dtype: torch.dtype | str = torch.float32,
+    max_grad_norm: float | None = None,
 ) -> SelectionReport:
     """Run the burn-in at θ0, score every targeted entry, keep the exact top-k, install the indices.
 
@@ -63,10 +76,21 @@ def select_parameters(
         hutchinson_samples: Rademacher probes per batch for "sam_hessian".
         dropout: run the burn-in in train mode (dropout on, as the paper's code) or eval mode.
         progress: show a progress bar.
+        statistics_dtype: dtype of the accumulated statistics, torch.float32 (default) or torch.bfloat16 (half the
+            memory; see docs/distributed.md for its effect on the selected set).
+        max_grad_norm: clip each burn-in batch gradient (all targeted parameters together) to this global L2 norm
+            before adding it, as the paper's code did with 1.0. None (default): sum the raw gradients, which lets
+            each gradient be folded in and freed as soon as it is computed; clipping keeps one batch gradient of
+            all targeted parameters until the norm is known.
 
     Returns:
         A `SelectionReport`. The values of the selected entries are zero (the model equals the base model).
-    Under `torch.distributed`, statistics are summed over ranks, so every rank installs the same indices.
+
+    Under `torch.distributed` with whole weights (DDP, or none) each rank accumulates over its own batches and the
+    statistics are summed over ranks, so every rank installs the same indices as one process over all the batches.
+    Under FSDP2 (`fully_shard`) each rank keeps the statistics of its own shard, from the gradients FSDP already
+    reduce-scattered (a step's gradient is that of all ranks' batches together), and the top-k runs across shards
+    without gathering any score tensor (`selection.distributed`). DeepSpeed ZeRO-3 is refused.
     """
     tuner = tuner_of(model)
     adapter_name = resolve_adapter(tuner, adapter_name)
@@ -89,26 +113,70 @@ def select_parameters(
     if dataloader is None:
         raise ValueError(f"selection='{config.selection}' needs data: pass a dataloader of training batches.")
 
+    statistics_dtype = _statistics_dtype(statistics_dtype)
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+        raise ConfigError(f"max_grad_norm={max_grad_norm!r} must be a positive number (or None: no clipping).")
+    engine = check_engine([t.param for t in found])
+    if engine == "fsdp" and (per_example or config.selection == "sam_hessian"):
+        raise SelectionError(
+            "under FSDP each burn-in gradient arrives reduce-scattered over all ranks' batches, so per-example "
+            "Fisher and the Hutchinson double backward (sam_hessian) are not available; use selection='sam' or "
+            "'fisher' (batch gradients), or select before sharding."
+        )
     peft_model = getattr(model, "module", model)
     stats = _Statistics()
     burn_in_start = time.perf_counter()
     with _burn_in_mode(peft_model, tuner, found, dropout):
         steps = _accumulate(peft_model, found, dataloader, num_steps, config.selection, stats,
-                            per_example=per_example, hutchinson_samples=hutchinson_samples, progress=progress)
-    _all_reduce(stats)
+                            per_example=per_example, hutchinson_samples=hutchinson_samples, progress=progress,
+                            dtype=statistics_dtype, max_grad_norm=max_grad_norm, engine=engine)
+    if engine == "fsdp":
+        sync_shards_requires_grad(peft_model)
+    else:
+        _all_reduce(stats)
     burn_in_seconds = time.perf_counter() - burn_in_start
     named_scores = [(t.name, _score(config.selection, stats, t.name)) for t in found]
-    for name, score in named_scores:
-        if not torch.isfinite(score).all():
-            raise SelectionError(
-                f"the burn-in gradient of '{name}' is NaN or infinite; lower the learning-rate-independent "
-                "inputs (check for bad labels, fp16 overflow or a diverging model) and run the burn-in again."
-            )
-    chosen = choose(config, named_scores)
-    install(tuner, adapter_name, chosen)
+    bad = next((name for name, score in named_scores if not torch.isfinite(score).all()), None)
+    if any_rank(bad is not None, found[0].param.device):
+        raise SelectionError(
+            f"the burn-in gradient of '{bad or 'a parameter on another rank'}' is NaN or infinite; lower the "
+            "learning-rate-independent inputs (check for bad labels, fp16 overflow or a diverging model) and run "
+            "the burn-in again."
+        )
+    if engine == "fsdp":
+        chosen = _choose_sharded(config, found, named_scores)
+        named_scores = None  # local shards: no score summary
+    else:
+        chosen = choose(config, named_scores)
+    resized = install(tuner, adapter_name, chosen, root=peft_model)
+    if resized and engine == "replicated" and initialized():
+        wrappers = [model] if model is not peft_model else ddp_wrappers_of(peft_model)
+        for wrapper in wrappers:
+            rebuild_ddp(wrapper)
     del stats
     return SelectionReport.build(tuner, adapter_name, steps=steps, seconds=time.perf_counter() - start,
                                  burn_in_seconds=burn_in_seconds, scores=named_scores, chosen=chosen)
+
+
+def _statistics_dtype(dtype) -> torch.dtype:
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    resolved = names.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if resolved not in (torch.float32, torch.bfloat16):
+        raise ConfigError(f"statistics_dtype={dtype!r} must be torch.float32 (default) or torch.bfloat16.")
+    return resolved
+
+
+def _choose_sharded(config, found: list[Target], named_scores) -> dict[str, torch.Tensor]:
+    """Exact top-k over the local score shards of every rank (FSDP2): the same indices on every rank."""
+    shards = [Shard(score, Shard.of(t.param).start, t.param.numel()) for t, (_, score) in zip(found, named_scores)]
+    if config.allocation == "global":
+        groups = [0] * len(shards)
+        ks = [per_tensor_budget(config.sparsity, sum(s.total for s in shards))]
+    else:
+        groups = list(range(len(shards)))
+        ks = [per_tensor_budget(config.sparsity, s.total) for s in shards]
+    chosen = topk_sharded(shards, groups, ks)
+    return {t.name: idx for t, idx in zip(found, chosen)}
 
 
 def _check_targets(found: list[Target]) -> None:
@@ -179,11 +247,12 @@ def _loss(model: nn.Module, batch: dict, step: int) -> torch.Tensor:
 
 
 def _accumulate(model, found, dataloader, num_steps, selection, stats, *, per_example, hutchinson_samples,
-                progress) -> int:
+                progress, dtype=torch.float32, max_grad_norm=None, engine="replicated") -> int:
     device = found[0].param.device
     for t in found:
+        shape = Shard.of(t.param).local.shape if engine == "fsdp" else t.param.shape
         for kind in SIGNALS[selection].statistics:
-            getattr(stats, kind)[t.name] = torch.zeros(t.param.shape, dtype=torch.float32, device=device)
+            getattr(stats, kind)[t.name] = torch.zeros(shape, dtype=dtype, device=device)
     batches, total = _batches(dataloader, num_steps)
     steps = 0
     if selection == "sam_hessian":
@@ -191,15 +260,21 @@ def _accumulate(model, found, dataloader, num_steps, selection, stats, *, per_ex
 
         with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels have no double backward
             for batch in tqdm(batches, total=total, desc="burn-in", disable=not progress):
-                _hutchinson_step(model, found, _move(batch, device), stats, hutchinson_samples, steps)
+                _hutchinson_step(model, found, _move(batch, device), stats, hutchinson_samples, steps, max_grad_norm)
                 steps += 1
     else:
-        handles = [_fold_hook(t, selection, stats) for t in found]
+        # without clipping and with whole weights, each gradient is folded in (and freed) the moment it is ready;
+        # otherwise the batch gradient is folded after backward (clipping needs its norm; FSDP2 hands over
+        # reduce-scattered shards after its own hooks)
+        hooked = max_grad_norm is None and engine == "replicated"
+        handles = [_fold_hook(t, selection, stats) for t in found] if hooked else []
         try:
             for batch in tqdm(batches, total=total, desc="burn-in", disable=not progress):
                 batch = _move(batch, device)
                 for piece in (_examples(batch) if per_example and selection == "fisher" else [batch]):
                     _loss(model, piece, steps).backward()
+                    if not hooked:
+                        _fold_gradients(found, selection, stats, max_grad_norm, engine)
                 steps += 1
         finally:
             for handle in handles:
@@ -227,18 +302,50 @@ def _fold_hook(target: Target, selection: str, stats: _Statistics):
     return target.param.register_post_accumulate_grad_hook(hook)
 
 
+def _clip_coefficient(grads: list[torch.Tensor], max_grad_norm: float | None, engine: str) -> float:
+    """min(1, max_grad_norm / ‖g‖) for the batch gradient g of all targeted parameters (as clip_grad_norm_)."""
+    if max_grad_norm is None:
+        return 1.0
+    device = grads[0].device if grads else torch.device("cpu")
+    square = torch.zeros((), dtype=torch.float32, device=device)
+    for grad in grads:
+        square += grad.detach().float().square().sum()
+    if engine == "fsdp":  # each rank holds disjoint shards: the global norm needs their sum
+        all_reduce_([square])
+    return min(1.0, float(max_grad_norm) / (float(square.sqrt()) + 1e-6))
+
+
+def _fold_gradients(found: list[Target], selection: str, stats: _Statistics, max_grad_norm, engine: str) -> None:
+    """Fold the batch gradient of every target (its local shard under FSDP2), clipped if asked, then free it."""
+    params = [t.param for t in found]
+    grads = [None if p.grad is None else Shard.of(p.grad).local for p in params]
+    coef = _clip_coefficient([g for g in grads if g is not None], max_grad_norm, engine)
+    square = selection == "fisher"
+    target_stats = stats.grad_sq_sum if square else stats.grad_sum
+    for t, param, grad in zip(found, params, grads):
+        if grad is None:
+            continue
+        stat = target_stats[t.name]
+        if square:
+            stat.addcmul_(grad, grad, value=coef * coef)
+        else:
+            stat.add_(grad, alpha=coef)
+        param.grad = None
+
+
 def _examples(batch: dict) -> Iterator[dict]:
     size = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
     for i in range(size):
         yield {k: (v[i : i + 1] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def _hutchinson_step(model, found, batch, stats, samples: int, step: int) -> None:
+def _hutchinson_step(model, found, batch, stats, samples: int, step: int, max_grad_norm=None) -> None:
     params = [t.param for t in found]
     grads = torch.autograd.grad(_loss(model, batch, step), params, create_graph=True, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    coef = _clip_coefficient(grads, max_grad_norm, "replicated")
     for t, g in zip(found, grads):
-        stats.grad_sum[t.name].add_(g.detach())
+        stats.grad_sum[t.name].add_(g.detach(), alpha=coef)
     for _ in range(samples):
         probes = [torch.randint_like(p, 2) * 2 - 1 for p in params]
         hvps = torch.autograd.grad(grads, params, grad_outputs=probes, retain_graph=True, allow_unused=True)
@@ -251,7 +358,12 @@ def _all_reduce(stats: _Statistics) -> None:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     for _, tensor in stats.tensors():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if tensor.dtype == torch.float32:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        else:  # bf16 statistics: sum in fp32 (not every backend reduces bf16), one tensor at a time
+            wide = tensor.float()
+            dist.all_reduce(wide, op=dist.ReduceOp.SUM)
+            tensor.copy_(wide)
 
 
 def _score(selection: str, stats: _Statistics, name: str) -> torch.Tensor:

@@ -5,23 +5,42 @@ from __future__ import annotations
 import torch
 
 from ..selection.budget import choose
+from ..selection.distributed import is_sharded, set_sharded_values
 from ..selection.scores import magnitude_scores, random_scores
-from .layer import tuner_targets
+from ..storage.validation import index_dtype
+from .layer import VALUES_DTYPE, tuner_targets
 
 
-def install(tuner, adapter_name: str, chosen: dict[str, torch.Tensor]) -> None:
-    """Install {base parameter name: sorted flat indices}; values become zeros (or random if init_weights=False)."""
+def install(tuner, adapter_name: str, chosen: dict[str, torch.Tensor], root: torch.nn.Module | None = None) -> bool:
+    """Install {base parameter name: sorted flat indices}; values become zeros (or random if init_weights=False).
+
+    Value parameters keep their identity. FSDP2-sharded values (DTensors) are rewritten shard by shard; `root` is
+    the module whose `fully_shard` units manage them (default: the tuner's model). Returns whether any values
+    parameter changed length (a DDP wrapper built before must then be rebuilt).
+    """
     config = tuner.peft_config[adapter_name]
     generator = torch.Generator().manual_seed(config.seed)
     counts = {}
+    resized = False
     for target in tuner_targets(tuner.model, adapter_name):
         indices = chosen.get(target.name, torch.empty(0, dtype=torch.long))
         values = None
         if not config.init_weights:
             values = torch.randn(indices.numel(), generator=generator) * 0.02
-        target.layer.set_entries(adapter_name, target.attr, indices, values)
+        owner = target.layer.sparsediff_values[adapter_name]
+        resized |= owner[target.attr].numel() != indices.numel()
+        if is_sharded(owner[target.attr]):
+            param = target.param
+            target.layer.sparsediff_indices[adapter_name][target.attr] = (
+                indices.to(index_dtype(param.numel())).to(param.device))
+            full = torch.zeros(indices.numel(), dtype=VALUES_DTYPE) if values is None else values
+            set_sharded_values(tuner.model if root is None else root, owner, target.attr, full)
+            target.layer._cache.clear()
+        else:
+            target.layer.set_entries(adapter_name, target.attr, indices, values)
         counts[target.name] = int(indices.numel())
     config.counts = counts
+    return resized
 
 
 def select_data_free(tuner, adapter_name: str) -> None:

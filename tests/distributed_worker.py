@@ -1,0 +1,142 @@
+"""One rank of the 2-process checks in test_distributed.py: `python distributed_worker.py SCENARIO RANK PORT OUT TMP`.
+
+Scenarios: "fsdp" (selection under FSDP2, sharded training, save and load) and "ddp" (selection options and
+Trainer + DDP + SAMCallback). Each writes what the parent compares with a one-process run to OUT.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import test_selection as t  # noqa: E402
+
+import sam_peft  # noqa: E402
+
+# (selection, allocation, max_grad_norm, statistics_dtype)
+FSDP_CASES = [
+    ("sam", "per_tensor", None, "float32"),
+    ("sam", "global", None, "float32"),
+    ("fisher", "global", None, "float32"),
+    ("sam", "global", 0.05, "float32"),
+    ("sam", "per_tensor", 0.05, "bfloat16"),
+]
+DDP_CASES = [("sam", "global", 0.05, "float32"), ("fisher", "per_tensor", 0.05, "bfloat16")]
+
+
+def step_batches(rank: int | None, steps: int = 2) -> list[dict[str, torch.Tensor]]:
+    """Burn-in batches: at step s rank r gets batch 2s + r; `rank=None` gives both ranks' batches of a step as one."""
+    batches = t.make_batches(2 * steps, seed=7)
+    if rank is not None:
+        return [batches[2 * s + rank] for s in range(steps)]
+    return [{k: torch.cat([batches[2 * s][k], batches[2 * s + 1][k]]) for k in batches[0]} for s in range(steps)]
+
+
+def shard(model) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.base_model.model.bert.encoder.layer:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def run_fsdp(rank: int, out: str, tmp: Path) -> None:
+    from torch.distributed.tensor import DTensor
+
+    base = t.tiny_bert()
+    result = {"selected": {}}
+    for case in FSDP_CASES:
+        kind, allocation, clip, dtype = case
+        model = t.peft_model(base, allocation=allocation)
+        shard(model)
+        sam_peft.select_parameters(model, step_batches(rank), dropout=False, progress=False, selection=kind,
+                                   max_grad_norm=clip, statistics_dtype=dtype)
+        result["selected"][case] = sam_peft.selected_indices(model)
+    # the last global model trains sharded, saves from every rank, and loads again
+    model = t.peft_model(base, allocation="global")
+    shard(model)
+    sam_peft.select_parameters(model, step_batches(rank), dropout=False, progress=False)
+    values = [p for n, p in model.named_parameters() if "sparsediff_values" in n and p.numel() > 0]
+    assert values and all(isinstance(v, DTensor) for v in values)
+    result["local_numel"] = sum(v.to_local().numel() for v in values)
+    result["numel"] = sum(v.numel() for v in values)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    assert not any(not p.requires_grad for p in values)
+    for batch in step_batches(rank, 3):
+        model.train()
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    base_grads = [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
+    assert not base_grads, base_grads
+    model.eval()
+    probe = t.make_batches(1, seed=9)[0]
+    with torch.no_grad():
+        logits = model(**probe).logits
+    model.save_pretrained(str(tmp / "saved"), is_main_process=rank == 0)
+    dist.barrier()
+    result["logits"] = logits
+    result["values"] = {n: p.full_tensor() for n, p in model.named_parameters() if "sparsediff_values" in n}
+    # loading: from the file on every rank, then sharded again
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp / "saved"), is_trainable=True)
+    shard(loaded)
+    loaded.eval()
+    with torch.no_grad():
+        result["loaded_logits"] = loaded(**probe).logits
+    result["loaded_selected"] = sam_peft.selected_indices(loaded)
+    torch.save(result, out)
+
+
+def run_ddp(rank: int, out: str, tmp: Path) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    base = t.tiny_bert()
+    result = {"selected": {}, "trainer": {}}
+    for case in DDP_CASES:
+        kind, allocation, clip, dtype = case
+        model = t.peft_model(base, allocation=allocation)
+        # built before the selection (sizes change under it); empty values are unused, as under Trainer
+        wrapped = DistributedDataParallel(model, find_unused_parameters=True)
+        sam_peft.select_parameters(wrapped, step_batches(rank), dropout=False, progress=False, selection=kind,
+                                   max_grad_norm=clip, statistics_dtype=dtype)
+        result["selected"][case] = sam_peft.selected_indices(model)
+        wrapped(**step_batches(rank)[0]).loss.backward()  # DDP still reduces the (resized) values' gradients
+        result.setdefault("grads", {})[case] = torch.cat(
+            [p.grad.reshape(-1) for n, p in model.named_parameters() if "sparsediff_values" in n and p.numel()])
+    for allocation in ("global", "per_tensor"):
+        model = t.peft_model(base, allocation=allocation)
+        callback = sam_peft.SAMCallback(burn_in_steps=2, dropout=False)
+        trainer = t._trainer(model, tmp / f"run-{allocation}-{rank}", callback, max_steps=3, eval_strategy="no",
+                             save_strategy="no", ddp_backend="gloo", gradient_accumulation_steps=1)
+        trainer.train()
+        result["trainer"][allocation] = {
+            "ddp": isinstance(trainer.model_wrapped, DistributedDataParallel),
+            "selected": sam_peft.selected_indices(model),
+            "values": {n: p.detach().clone() for n, p in model.named_parameters() if "sparsediff_values" in n},
+        }
+    torch.save(result, out)
+
+
+def main() -> None:
+    scenario, rank, port, out, tmp = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], Path(sys.argv[5])
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        {"fsdp": run_fsdp, "ddp": run_ddp}[scenario](rank, out, tmp)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
