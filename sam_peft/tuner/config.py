@@ -38,7 +38,9 @@ class SparseDiffConfig(PeftConfig):
             "global" keeps floor(p·N) entries over all N targeted parameters (the paper's Theorem 3).
         target_modules (`list[str] | str | None`): Modules whose own parameters are tuned. None (default):
             every module of the base model that owns parameters (embeddings, attention, FFN, LayerNorm,
-            biases), except `modules_to_save` (the task head, trained densely).
+            biases), except `modules_to_save` (the task head, trained densely) and the output embeddings
+            (`get_output_embeddings()`, e.g. `lm_head`, tied or not), whose weight trainers such as TRL read
+            directly; name them here to tune them anyway.
         exclude_modules (`list[str] | str | None`): Modules never tuned (names or a regex).
         modules_to_save (`list[str] | None`): Modules trained densely and saved (e.g. the classifier head).
             For task type SEQ_CLS peft adds the head automatically.
@@ -65,7 +67,7 @@ class SparseDiffConfig(PeftConfig):
     )
     target_modules: list[str] | str | None = field(
         default=None,
-        metadata={"help": "Modules whose own parameters are tuned; None = every parameter except the head."},
+        metadata={"help": "Modules whose own parameters are tuned; None = every parameter except the heads."},
     )
     exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Modules never tuned (list of names or a regex)."}
