@@ -4,7 +4,7 @@
 extra loss terms and the finishing step it needs:
 
 - sparse deltas (a sam-peft adapter): sam, fisher, sam_hessian (burn-in selection), magnitude, random, bitfit;
-- peft adapters: lora (peft's LoRA), adapter (bottleneck adapters, `sam_peft.bottleneck`), and He et al.'s
+- peft adapters: lora (peft's LoRA), adapter (bottleneck adapters, `sam_peft.baselines.adapters`), and He et al.'s
   parallel_adapter, prefix and mam (`sam_peft.baselines.adapters.unified`);
 - dense baselines: full, mixout, childpruning, diffpruning, dps (`sam_peft.baselines`).
 """
