@@ -1,7 +1,8 @@
 """One rank of the 2-process checks in test_distributed.py: `python distributed_worker.py SCENARIO RANK PORT OUT TMP`.
 
-Scenarios: "fsdp" (selection under FSDP2, sharded training, save and load) and "ddp" (selection options and
-Trainer + DDP + SAMCallback). Each writes what the parent compares with a one-process run to OUT.
+Scenarios: "fsdp" (selection under FSDP2, sharded training, save and load), "ddp" (selection options and
+Trainer + DDP + SAMCallback) and "all" (both, to OUT.fsdp and OUT.ddp). Each writes what the parent compares with
+a one-process run.
 """
 
 from __future__ import annotations
@@ -132,7 +133,11 @@ def main() -> None:
                       MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        {"fsdp": run_fsdp, "ddp": run_ddp}[scenario](rank, out, tmp)
+        if scenario == "all":  # both in one launch (the start-up of two processes costs more than the checks)
+            run_fsdp(rank, out + ".fsdp", tmp)
+            run_ddp(rank, out + ".ddp", tmp)
+        else:
+            {"fsdp": run_fsdp, "ddp": run_ddp}[scenario](rank, out, tmp)
         dist.barrier()
     finally:
         dist.destroy_process_group()

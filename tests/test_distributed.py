@@ -33,8 +33,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenario: str, tmp_path: Path) -> list[dict]:
-    """Run both ranks of a scenario and return what each saved."""
+def launch(scenario: str, tmp_path: Path) -> list[Path]:
+    """Run both ranks of a scenario; returns the path each rank saved to."""
     port = str(_free_port())
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -55,7 +55,7 @@ def launch(scenario: str, tmp_path: Path) -> list[dict]:
                 proc.wait()
     for proc, log in zip(procs, logs):
         assert proc.returncode == 0, log[-4000:]
-    return [torch.load(out, weights_only=False) for out in outs]
+    return outs
 
 
 def one_process(base, batches, kind: str, allocation: str, clip, dtype: str):
@@ -70,11 +70,19 @@ def base():
     return t.tiny_bert()
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One launch of both ranks running the FSDP and the DDP scenarios: {scenario: [rank 0, rank 1 results]}."""
+    tmp_path = tmp_path_factory.mktemp("ranks")
+    outs = launch("all", tmp_path)
+    return tmp_path, {s: [torch.load(f"{out}.{s}", weights_only=False) for out in outs] for s in ("fsdp", "ddp")}
+
+
 # --------------------------------------------------------------------------- FSDP2
 
 
-def test_fsdp_selection_training_save_and_load(base, tmp_path):
-    results = launch("fsdp", tmp_path)
+def test_fsdp_selection_training_save_and_load(base, two_ranks):
+    tmp_path, results = two_ranks[0], two_ranks[1]["fsdp"]
     merged = w.step_batches(None)  # a burn-in step under FSDP is the gradient of both ranks' batches together
     for case in w.FSDP_CASES:
         _, single = one_process(base, merged, *case)
@@ -108,8 +116,8 @@ def test_fsdp_selection_training_save_and_load(base, tmp_path):
 # --------------------------------------------------------------------------- DDP and the Trainer
 
 
-def test_ddp_options_and_trainer_with_both_allocations(base, tmp_path):
-    results = launch("ddp", tmp_path)
+def test_ddp_options_and_trainer_with_both_allocations(base, two_ranks):
+    results = two_ranks[1]["ddp"]
     for case in w.DDP_CASES:
         model, single = one_process(base, t.make_batches(4, seed=7), *case)  # DDP: the same batches, one by one
         for result in results:

@@ -23,7 +23,12 @@ class SAMCallback(TrainerCallback):
     Args:
         burn_in_steps: batches of burn-in (None: one pass over the dataloader).
         adapter_name: adapter to select (default: the active one).
-        **select_kwargs: passed on to `sam_peft.select_parameters` (e.g. `dropout=False`).
+        **select_kwargs: passed on to `sam_peft.select_parameters` (e.g. `dropout=False`,
+            `statistics_dtype=torch.bfloat16`, `max_grad_norm=1.0`).
+
+    Under DDP the Trainer wraps the model before this callback runs; when the selection changes the size of the
+    values (global allocation) the DDP wrapper is rebuilt around them. Under FSDP2 (accelerate's FSDP plugin with
+    `fsdp_version: 2`) the selection runs on the shards (see `select_parameters` and docs/distributed.md).
     """
 
     def __init__(self, burn_in_steps: int | None = None, adapter_name: str | None = None, **select_kwargs):
