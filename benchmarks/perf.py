@@ -2,6 +2,8 @@
 
     python benchmarks/perf.py --quick --json benchmarks/results/perf-quick.json
     python benchmarks/perf.py --json benchmarks/results/perf-$(date +%F).json
+    python benchmarks/perf.py --device cuda --json benchmarks/results/perf-gpu-$(date +%F).json \
+        --markdown docs/benchmarks-gpu.md        (the GPU protocol: benchmarks/gpu_perf.py)
 
 Each measurement of a method runs in its own process, repetitions are interleaved across methods, and ratios
 are taken pair by pair within a repetition, then their median is reported. Step times come from processes in
@@ -252,7 +254,29 @@ def main() -> None:
     parser.add_argument("--reps", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: the GPU protocol (TinyLlama-shaped decoder, bf16; benchmarks/gpu_perf.py)")
+    parser.add_argument("--decoder", action="store_true",
+                        help="the decoder protocol on --device (on a CPU use --shape tiny)")
+    parser.add_argument("--shape", default="tinyllama", help="decoder shape: tinyllama or tiny (a CPU check)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--profile-dir", help="write torch.profiler tables of each method here")
+    parser.add_argument("--before", help="directory holding an older sam_peft package: adds a sam_before row")
     args = parser.parse_args()
+    if args.device == "cuda" or args.decoder:
+        import gpu_perf
+
+        args.steps = args.steps or 20
+        report = gpu_perf.run(args)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=2))
+            report["command"] = " ".join(["python", "benchmarks/perf.py", *sys.argv[1:]])
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        if args.markdown:
+            Path(args.markdown).write_text(gpu_perf.render(report, args.json or "-"))
+        print(json.dumps(report["ratios"], indent=2))
+        return
     if args.worker:
         if args.worker[0] == "topk":
             print(json.dumps(topk_worker(int(args.worker[1]))))

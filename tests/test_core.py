@@ -15,31 +15,24 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import partial
 
+import conftest
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import HIDDEN, SEQ, VOCAB, bert_config, gpt2_config, make_llama
 from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import ModulesToSaveWrapper
 from safetensors import safe_open
-from transformers import (
-    BertConfig,
-    BertForMaskedLM,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2ForSequenceClassification,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    RobertaConfig,
-    RobertaForSequenceClassification,
-)
+from transformers import BertForMaskedLM, GPT2LMHeadModel
 
 import sam_peft
 from sam_peft.selection.topk import topk_global, topk_per_tensor
 from sam_peft.tuner.ops import (
     BlockStructure,
+    DeltaSlot,
     EmbeddingStructure,
     matmul,
     sparse_delta_embedding,
@@ -48,50 +41,15 @@ from sam_peft.tuner.ops import (
     written_delta_matmul,
 )
 
-VOCAB, HIDDEN, SEQ, BATCH = 100, 32, 8, 2
+BATCH = 2  # rows per input batch in this file (conftest's BATCH is 4)
 PREFIX = "base_model.model."
 
 
-# --------------------------------------------------------------------------- model factories
+# --------------------------------------------------------------------------- model factories: conftest's, 3 labels
 
-
-def make_bert(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
-        num_labels=3,
-    )
-    return BertForSequenceClassification(config).eval()
-
-
-def make_roberta(seed: int = 0) -> RobertaForSequenceClassification:
-    torch.manual_seed(seed)
-    config = RobertaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=1,
-        bos_token_id=0, eos_token_id=2, num_labels=3,
-    )
-    return RobertaForSequenceClassification(config).eval()
-
-
-def make_gpt2(seed: int = 0) -> GPT2ForSequenceClassification:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, pad_token_id=0, bos_token_id=2, eos_token_id=2, num_labels=3,
-    )
-    return GPT2ForSequenceClassification(config).eval()
-
-
-def make_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0,
-        bos_token_id=2, eos_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()
+make_bert = partial(conftest.make_bert, num_labels=3)
+make_roberta = partial(conftest.make_roberta, num_labels=3)
+make_gpt2 = partial(conftest.make_gpt2, num_labels=3)
 
 
 @dataclass(frozen=True)
@@ -665,7 +623,8 @@ def _pattern(kind: str, shape: tuple[int, int], generator: torch.Generator) -> t
 def _written(x, weight, b, values, indices, structure, transposed):
     """The written-in path as a layer runs it: W holds θ0 + Δ(values), the Function routes the gradient."""
     before = weight.clone()
-    out = written_delta_matmul(x, weight, b, values, structure, transposed, indices, threading.Lock())
+    slot = DeltaSlot.build(weight, indices, threading.Lock())
+    out = written_delta_matmul(x, weight, b, values, structure, transposed, slot)
     assert torch.equal(weight, before), "W holds θ0 again after the call"
     return out
 
@@ -725,7 +684,8 @@ def test_sparse_delta_embedding_matches_dense_with_padding(written):
     input_ids = torch.tensor([[3, 7, pad, 0], [7, 7, pad, 3]])
     structure = EmbeddingStructure.build(indices, (n_rows, dim), pad)
     if written:
-        out = written_delta_embedding(input_ids, weight, values, structure, indices, threading.Lock(), padding_idx=pad)
+        slot = DeltaSlot.build(weight, indices, threading.Lock())
+        out = written_delta_embedding(input_ids, weight, values, structure, slot, padding_idx=pad)
     else:
         out = sparse_delta_embedding(input_ids, weight, values, structure, padding_idx=pad)
 
@@ -925,17 +885,12 @@ def test_load_adapter_checks_fingerprint(tmp_path, monkeypatch):
 
 
 def _tied_gpt2() -> tuple[torch.nn.Module, torch.nn.Parameter, torch.nn.Parameter]:
-    config = GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=2, eos_token_id=2, pad_token_id=0)
-    model = GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(gpt2_config())
     return model, model.lm_head.weight, model.transformer.wte.weight
 
 
 def _tied_bert_mlm() -> tuple[torch.nn.Module, torch.nn.Parameter, torch.nn.Parameter]:
-    config = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    model = BertForMaskedLM(config)
+    model = BertForMaskedLM(bert_config(num_hidden_layers=1))
     return model, model.cls.predictions.decoder.weight, model.bert.embeddings.word_embeddings.weight
 
 

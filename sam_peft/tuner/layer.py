@@ -61,6 +61,7 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state.pop("_lock", None)
+        state["_cache"] = {}  # derived from the indices (and holds the lock): rebuilt on first use
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -200,6 +201,7 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
                     idx = indices.long()
                     backup[name] = flat.index_select(0, idx)
                     flat.index_copy_(0, idx, backup[name] + values.detach().to(flat.dtype))
+                    torch.autograd.graph.increment_version(base_params[name])  # cached θ0 is stale now
             self._merge_backup[adapter] = backup
             self.merged_adapters.append(adapter)
 
@@ -216,6 +218,7 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
                 for name, saved in backup.items():
                     indices = self.sparsediff_indices[adapter][name].long()
                     base_params[name].data.view(-1).index_copy_(0, indices, saved)
+                    torch.autograd.graph.increment_version(base_params[name])
 
 
 @dataclass(frozen=True)

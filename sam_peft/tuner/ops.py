@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 # Restrict a side of the weight gradient to the touched rows/columns only when it saves at least this much.
 _RESTRICT_BELOW = 0.9
+_ALIGN = 16
 
 
 def compose(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -47,12 +48,8 @@ class BlockStructure:
         """Built once per set of indices (it syncs with the host); never in a training step."""
         n_rows, n_cols = shape
         row, col = indices // n_cols, indices % n_cols
-        rows, row_local = torch.unique(row, return_inverse=True)
-        cols, col_local = torch.unique(col, return_inverse=True)
-        if rows.numel() >= _RESTRICT_BELOW * n_rows:
-            rows, row_local = None, row
-        if cols.numel() >= _RESTRICT_BELOW * n_cols:
-            cols, col_local = None, col
+        rows, row_local = _touched(row, n_rows)
+        cols, col_local = _touched(col, n_cols)
         width = n_cols if cols is None else cols.numel()
         return BlockStructure(rows, cols, row_local * width + col_local, n_rows, n_cols)
 
@@ -77,6 +74,26 @@ class BlockStructure:
         return block.view(-1).index_put_((self.positions,), values.to(dtype), accumulate=True).view(self.block_shape)
 
 
+def _touched(position: torch.Tensor, size: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(sorted touched positions, each entry's slot among them), or (None, position) when restricting saves little.
+
+    For sizes of 256 and more the set is padded with untouched positions to a multiple of 16, so the sub-block's
+    matmuls get aligned shapes and the fast tensor-core kernels (odd widths fall back to slow ones, 4x slower on an
+    H200); padded rows or columns hold no entry.
+    """
+    touched = torch.unique(position)
+    align = _ALIGN if size >= 16 * _ALIGN else 1  # small tensors: exact sets
+    padded = -(-touched.numel() // align) * align
+    if padded >= _RESTRICT_BELOW * size:
+        return None, position
+    if padded > touched.numel():
+        free = torch.ones(size, dtype=torch.bool, device=position.device)
+        free[touched] = False
+        extra = free.nonzero().squeeze(1)[: padded - touched.numel()]
+        touched = torch.cat([touched, extra]).sort().values
+    return touched, torch.searchsorted(touched, position)
+
+
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -91,53 +108,78 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tra
     return out if bias is None else out + bias
 
 
-@contextmanager
-def delta_written(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, lock) -> Iterator[torch.Tensor]:
-    """W holds θ0 + Δ inside the block and θ0 again after it (O(k) each way; bit-exact). Yields the written entries.
+@dataclass(frozen=True)
+class DeltaSlot:
+    """Where a delta is written into a weight: the weight, its int64 flat indices, θ0 at them (in W's dtype and in
+    fp32), the layer's lock, and the weight's storage and version when θ0 was read (a later change of either makes
+    the layer read θ0 again)."""
 
-    Writes go through `.data`, so autograd's version counter of W does not move; the lock keeps two threads that
-    share the module from seeing each other's writes.
-    """
-    flat = weight.data.view(-1)
-    with lock, torch.no_grad():
-        theta0 = flat.index_select(0, indices)
-        wide = torch.promote_types(flat.dtype, torch.float32)
-        written = (theta0.to(wide) + values.detach().to(wide)).to(flat.dtype)
-        flat.index_copy_(0, indices, written)
+    weight: torch.Tensor
+    indices: torch.Tensor
+    theta0: torch.Tensor
+    theta0_wide: torch.Tensor
+    lock: object
+    key: tuple
+
+    @staticmethod
+    def weight_key(weight: torch.Tensor) -> tuple:
+        return (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+
+    @staticmethod
+    def build(weight: torch.Tensor, indices: torch.Tensor, lock) -> DeltaSlot:
+        theta0 = weight.data.view(-1).index_select(0, indices)
+        wide = theta0.to(torch.promote_types(theta0.dtype, torch.float32))
+        return DeltaSlot(weight, indices, theta0, wide, lock, DeltaSlot.weight_key(weight))
+
+    def entries(self, values: torch.Tensor) -> torch.Tensor:
+        """θ0 + values at the indices, in W's dtype."""
+        return (self.theta0_wide + values.detach()).to(self.theta0.dtype)
+
+
+@contextmanager
+def delta_written(slot: DeltaSlot, written: torch.Tensor) -> Iterator[None]:
+    """W holds `written` (θ0 + Δ) at the slot's indices inside the block and θ0 again after it: O(k) each way,
+    bit-exact. Writes go through `.data`, so autograd's version counter of W does not move; the lock keeps two
+    threads that share the module from seeing each other's writes."""
+    flat = slot.weight.data.view(-1)
+    with slot.lock, torch.no_grad():
+        theta0 = slot.theta0 if DeltaSlot.weight_key(slot.weight) == slot.key else flat.index_select(0, slot.indices)
+        flat.index_copy_(0, slot.indices, written)
         try:
-            yield written
+            yield
         finally:
-            flat.index_copy_(0, indices, theta0)
+            flat.index_copy_(0, slot.indices, theta0)
 
 
 class WrittenDeltaMatmul(torch.autograd.Function):
     """y = x (θ0 + Δ)ᵀ + b computed with Δ written into W; the values' gradient comes from the sub-block."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, structure, transposed, indices, lock):
+    def forward(ctx, x, weight, bias, values, structure, transposed, slot):
         device = x.device.type
-        with delta_written(weight, indices, values, lock):
+        written = slot.entries(values)
+        with delta_written(slot, written):
             out = matmul(x, weight, bias, transposed)
         ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device), device)
         ctx.compute_dtype = out.dtype
         # Linear: entries sit at (output row, input column); Conv1D (in × out): (input row, output column)
         x2 = x.reshape(-1, x.shape[-1])
         x_side = structure.take_rows(x2) if transposed else structure.take_cols(x2)
-        ctx.save_for_backward(x_side.to(out.dtype) if values.requires_grad else None, values)
-        ctx.weight, ctx.indices, ctx.lock = weight, indices, lock
+        ctx.save_for_backward(x_side.to(out.dtype) if values.requires_grad else None, written)
+        ctx.slot = slot
         ctx.structure, ctx.transposed, ctx.x_shape = structure, transposed, x.shape
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_side, values = ctx.saved_tensors
+        x_side, written = ctx.saved_tensors
         enabled, dtype, device = ctx.autocast
         grad_x = grad_bias = grad_values = None
         go2 = grad_out.reshape(-1, grad_out.shape[-1])
         with torch.autocast(device, dtype=dtype, enabled=enabled):
             if ctx.needs_input_grad[0]:
-                with delta_written(ctx.weight, ctx.indices, values, ctx.lock):
-                    weight = ctx.weight.to(ctx.compute_dtype)
+                with delta_written(ctx.slot, written):
+                    weight = ctx.slot.weight.to(ctx.compute_dtype)
                     grad_x = (go2 @ (weight.t() if ctx.transposed else weight)).view(ctx.x_shape)
             if ctx.needs_input_grad[2]:
                 grad_bias = go2.sum(0)
@@ -145,7 +187,7 @@ class WrittenDeltaMatmul(torch.autograd.Function):
                 g_side = ctx.structure.take_cols(go2) if ctx.transposed else ctx.structure.take_rows(go2)
                 row_side, col_side = (x_side, g_side) if ctx.transposed else (g_side, x_side)
                 grad_values = ctx.structure.gather_gradient(row_side.to(go2.dtype), col_side).float()
-        return grad_x, None, grad_bias, grad_values, None, None, None, None
+        return grad_x, None, grad_bias, grad_values, None, None, None
 
 
 class SparseTermMatmul(torch.autograd.Function):
@@ -236,10 +278,10 @@ class WrittenDeltaEmbedding(torch.autograd.Function):
     entry's row (see `EmbeddingStructure`)."""
 
     @staticmethod
-    def forward(ctx, input_ids, weight, values, structure, indices, lock, options):
+    def forward(ctx, input_ids, weight, values, structure, slot, options):
         ctx.save_for_backward(input_ids)
         ctx.structure = structure
-        with delta_written(weight, indices, values, lock):
+        with delta_written(slot, slot.entries(values)):
             return F.embedding(input_ids, weight, **options)
 
     @staticmethod
@@ -252,15 +294,15 @@ class WrittenDeltaEmbedding(torch.autograd.Function):
             sums = torch.zeros(s.n_slots, grad_out.shape[-1], dtype=torch.float32, device=grad_out.device)
             sums.index_add_(0, slots, grad_out.reshape(-1, grad_out.shape[-1]).float())
             grad_values = sums[s.entry_slot, s.entry_col] * s.entry_live
-        return None, None, grad_values, None, None, None, None
+        return None, None, grad_values, None, None, None
 
 
-def written_delta_embedding(input_ids, weight, values, structure: EmbeddingStructure, indices, lock,
+def written_delta_embedding(input_ids, weight, values, structure: EmbeddingStructure, slot: DeltaSlot,
                             **options) -> torch.Tensor:
     """Embedding lookup with the delta written into the table; see `WrittenDeltaEmbedding`."""
     if torch.is_grad_enabled() and values.requires_grad:
-        return WrittenDeltaEmbedding.apply(input_ids, weight, values, structure, indices, lock, options)
-    with delta_written(weight, indices, values, lock):
+        return WrittenDeltaEmbedding.apply(input_ids, weight, values, structure, slot, options)
+    with delta_written(slot, slot.entries(values)):
         return F.embedding(input_ids, weight, **options)
 
 
@@ -276,10 +318,10 @@ def sparse_delta_embedding(
     return out + rows.index_select(0, structure.row_slot.index_select(0, input_ids.reshape(-1))).view_as(out)
 
 
-def written_delta_matmul(x, weight, bias, values, structure, transposed, indices, lock) -> torch.Tensor:
+def written_delta_matmul(x, weight, bias, values, structure, transposed, slot: DeltaSlot) -> torch.Tensor:
     """Linear map with the delta written into the weight; see `WrittenDeltaMatmul`."""
     needs_grad = values.requires_grad or x.requires_grad or (bias is not None and bias.requires_grad)
     if torch.is_grad_enabled() and needs_grad:
-        return WrittenDeltaMatmul.apply(x, weight, bias, values, structure, transposed, indices, lock)
-    with delta_written(weight, indices, values, lock):
+        return WrittenDeltaMatmul.apply(x, weight, bias, values, structure, transposed, slot)
+    with delta_written(slot, slot.entries(values)):
         return matmul(x, weight, bias, transposed)

@@ -17,6 +17,7 @@ from torch import nn
 from .layer import SparseDiffLayer
 from .ops import (
     BlockStructure,
+    DeltaSlot,
     EmbeddingStructure,
     matmul,
     sparse_delta_embedding,
@@ -34,6 +35,11 @@ def _writable(weight: torch.Tensor) -> bool:
 
 class _WeightDeltaLayer(SparseDiffLayer):
     """A layer whose `weight` carries a delta through the fast paths of `ops`."""
+
+    def _slot(self, adapters: list[str], indices: torch.Tensor) -> DeltaSlot:
+        weight = self.get_base_layer().weight
+        version = (indices.data_ptr(), indices.numel(), DeltaSlot.weight_key(weight))
+        return self._cached(("slot", tuple(adapters)), version, lambda: DeltaSlot.build(weight, indices, self._lock))
 
     def _weight_delta(self, adapters: list[str]):
         """(writable, int64 indices, values) of the weight's delta over the active adapters, or None."""
@@ -74,7 +80,8 @@ class SparseDiffLinear(_WeightDeltaLayer):
         writable, indices, values = found
         structure = self._block(adapters, indices)
         if writable:
-            return written_delta_matmul(x, base.weight, bias, values, structure, self.transposed, indices, self._lock)
+            slot = self._slot(adapters, indices)
+            return written_delta_matmul(x, base.weight, bias, values, structure, self.transposed, slot)
         out = matmul(x, base.weight, bias, self.transposed) if bias is not base.bias else base(x, *args, **kwargs)
         return out + sparse_term(x, values, structure, self.transposed, self.out_features).to(out.dtype)
 
@@ -108,7 +115,8 @@ class SparseDiffEmbedding(_WeightDeltaLayer):
         structure = self._cached(("rows", tuple(adapters)), (indices.data_ptr(), indices.numel(), shape),
                                  lambda: EmbeddingStructure.build(indices, shape, base.padding_idx))
         if writable:
-            return written_delta_embedding(input_ids, base.weight, values, structure, indices, self._lock, **options)
+            return written_delta_embedding(input_ids, base.weight, values, structure, self._slot(adapters, indices),
+                                           **options)
         return sparse_delta_embedding(input_ids, base.weight, values, structure, **options)
 
 
