@@ -31,6 +31,16 @@ FSDP_CASES = [
 DDP_CASES = [("sam", "global", 0.05, "float32"), ("fisher", "per_tensor", 0.05, "bfloat16")]
 
 
+def uneven_bert():
+    """A tiny BERT whose embedding rows (101, 63) do not split evenly over 2 ranks."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=63, type_vocab_size=3, num_labels=2)
+    return BertForSequenceClassification(config).eval()
+
+
 def step_batches(rank: int | None, steps: int = 2) -> list[dict[str, torch.Tensor]]:
     """Burn-in batches: at step s rank r gets batch 2s + r; `rank=None` gives both ranks' batches of a step as one."""
     batches = t.make_batches(2 * steps, seed=7)
@@ -59,6 +69,11 @@ def run_fsdp(rank: int, out: str, tmp: Path) -> None:
         sam_peft.select_parameters(model, step_batches(rank), dropout=False, progress=False, selection=kind,
                                    max_grad_norm=clip, statistics_dtype=dtype)
         result["selected"][case] = sam_peft.selected_indices(model)
+    for allocation in ("global", "per_tensor"):  # shards of unequal length
+        model = t.peft_model(uneven_bert(), allocation=allocation)
+        shard(model)
+        sam_peft.select_parameters(model, step_batches(rank), dropout=False, progress=False)
+        result["selected"][("uneven", allocation)] = sam_peft.selected_indices(model)
     # the last global model trains sharded, saves from every rank, and loads again
     model = t.peft_model(base, allocation="global")
     shard(model)

@@ -88,6 +88,10 @@ def test_fsdp_selection_training_save_and_load(base, two_ranks):
         _, single = one_process(base, merged, *case)
         for result in results:
             t.assert_same_indices(result["selected"][case], single)
+    for allocation in ("global", "per_tensor"):  # embedding rows that do not split evenly over the ranks
+        _, single = one_process(w.uneven_bert(), merged, "sam", allocation, None, "float32")
+        for result in results:
+            t.assert_same_indices(result["selected"][("uneven", allocation)], single)
     # and the shards matter: one rank's batches alone select something else
     _, alone = one_process(base, w.step_batches(0), "sam", "global", None, "float32")
     _, single = one_process(base, merged, "sam", "global", None, "float32")
