@@ -174,3 +174,46 @@ def test_base_weights_hold_theta0_between_calls():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(_ids()).sum().backward()
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if "base_layer" in n)
+
+
+def test_trainer_bf16_with_sam_callback_changes_only_selected_entries(tmp_path):
+    """Trainer(bf16=True) (autocast in every step, and in the burn-in) with SAMCallback on a tiny Llama."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    base = LlamaForCausalLM(config)
+    original = {n: p.detach().clone() for n, p in base.named_parameters()}
+    model = get_peft_model(base, sam_peft.SAMConfig(sparsity=0.05, task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(3)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (16, 12), generator=generator)]
+    seen = []
+    sam_callback = sam_peft.SAMCallback(burn_in_steps=2, progress=False)
+    real_select = sam_peft.selection.callback.select_parameters
+
+    def recording_select(*args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real_select(*args, **kwargs)
+
+    sam_peft.selection.callback.select_parameters = recording_select
+    try:
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, bf16=True,
+                                 use_cpu=True, learning_rate=1e-2, report_to=[], save_strategy="no")
+        Trainer(model=model, args=args, train_dataset=data, callbacks=[sam_callback]).train()
+    finally:
+        sam_peft.selection.callback.select_parameters = real_select
+    assert seen == [(True, torch.bfloat16)], "the burn-in runs under the training autocast"
+    values = {n: p for n, p in model.named_parameters() if "sparsediff_values" in n and p.numel()}
+    assert values and all(p.dtype == torch.float32 for p in values.values())
+    indices = sam_peft.selected_indices(model)
+    merged = model.merge_and_unload()
+    changed = 0
+    for name, param in merged.named_parameters():
+        flat, before = param.detach().reshape(-1), original[name].reshape(-1)
+        outside = torch.ones_like(flat, dtype=torch.bool)
+        if name in indices:
+            outside[indices[name]] = False
+            changed += int((flat[~outside] != before[~outside]).sum())
+        assert torch.equal(flat[outside], before[outside]), name
+    assert changed > 0

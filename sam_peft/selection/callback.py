@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
+import torch
 from transformers import TrainerCallback
 
 from .burnin import select_parameters
@@ -44,6 +46,16 @@ class SAMCallback(TrainerCallback):
             logger.info("adapter '%s' already has its entries; no burn-in.", adapter)
             return
         self.select_kwargs.setdefault("progress", not args.disable_tqdm)
-        self.report = select_parameters(model, train_dataloader, self.burn_in_steps, adapter_name=adapter,
-                                        **self.select_kwargs)
+        with _training_autocast(args, model):  # the burn-in runs as training will: bf16/fp16, fp32 statistics
+            self.report = select_parameters(model, train_dataloader, self.burn_in_steps, adapter_name=adapter,
+                                            **self.select_kwargs)
         logger.info("SAM selection done:\n%s", self.report)
+
+
+def _training_autocast(args, model) -> contextlib.AbstractContextManager:
+    """The autocast the Trainer's training steps use (`bf16=True` / `fp16=True`), or nothing."""
+    dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
+    if dtype is None:
+        return contextlib.nullcontext()
+    device = next((p.device.type for p in model.parameters()), "cpu")
+    return torch.autocast(device, dtype=dtype)
