@@ -40,7 +40,23 @@ def install(tuner, adapter_name: str, chosen: dict[str, torch.Tensor], root: tor
             target.layer.set_entries(adapter_name, target.attr, indices, values)
         counts[target.name] = int(indices.numel())
     config.counts = counts
+    sync_trainable(tuner, adapter_name, enable=True)
     return resized
+
+
+def sync_trainable(tuner, adapter_name: str, enable: bool = False) -> None:
+    """Once an adapter's entries are chosen, an empty values tensor (no entry in that parameter) is not trainable:
+    it could never change or get a gradient. `enable`: the non-empty ones of an active, trainable adapter are."""
+    config = tuner.peft_config[adapter_name]
+    if config.counts is None:
+        return  # placeholders, sized before the selection: they all stay trainable
+    enable = enable and adapter_name in tuner.active_adapters and not config.inference_mode
+    for target in tuner_targets(tuner.model, adapter_name):
+        values = target.layer.sparsediff_values[adapter_name][target.attr]
+        if values.numel() == 0:
+            values.requires_grad_(False)
+        elif enable:
+            values.requires_grad_(True)
 
 
 def select_data_free(tuner, adapter_name: str) -> None:

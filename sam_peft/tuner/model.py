@@ -16,7 +16,7 @@ from ..selection.distributed import is_sharded
 from ..storage.identity import ALLOW_MISMATCH_ENV, architecture_of, shapes_digest, weights_fingerprint
 from ..storage.validation import check_dense_entries, check_entries, index_dtype
 from .config import SparseDiffConfig
-from .entries import select_data_free
+from .entries import select_data_free, sync_trainable
 from .layer import SparseDiffLayer, own_parameters, tuner_targets
 from .peft_type import PREFIX
 from .weight_layers import layer_class_for
@@ -72,7 +72,8 @@ class SparseDiffModel(BaseTuner):
         device = next(iter(base.parameters()), torch.empty(0)).device
         if device.type != "meta":
             for name, module in new_module.named_modules():
-                if self.prefix in name:
+                # with low_cpu_mem_usage the new values live on the meta device until the load fills them
+                if self.prefix in name and not any(p.device.type == "meta" for p in module.parameters()):
                     module.to(device)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
@@ -81,6 +82,16 @@ class SparseDiffModel(BaseTuner):
         check_base_identity(self, config, adapter_name)
         if config.counts is None and config.is_data_free:
             select_data_free(self, adapter_name)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        for adapter_name in self.peft_config:
+            sync_trainable(self, adapter_name)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        for name in self.peft_config:
+            sync_trainable(self, name)
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         if safe_merge:
