@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import make_bert
 from peft import PeftModel, get_peft_model
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification
 
 from sam_peft.baselines.adapters import BottleneckConfig, BottleneckModel
 from sam_peft.baselines.childpruning import ProjectionCallback
@@ -24,12 +25,8 @@ from sam_peft.bench.glue import check_consistent, choose_lrs, run_key
 from sam_peft.bench.profiles import PROFILES
 from sam_peft.errors import ConfigError
 
-
-def _bert(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=32, num_labels=2)
-    return BertForSequenceClassification(config).eval()
+# conftest's BERT with a 50-token vocabulary, 32 positions and transformers' default dropout (the baselines train)
+_bert = partial(make_bert, dropout=0.1, vocab_size=50, max_position_embeddings=32)
 
 
 def _batch(n: int = 4, length: int = 7, seed: int = 1) -> dict:

@@ -11,13 +11,14 @@ import socket
 import subprocess
 import sys
 import textwrap
+from functools import partial
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
-from peft import get_peft_model
+from conftest import SEQ, VOCAB, make_bert, sam_model
 from safetensors import safe_open
-from transformers import BertConfig, BertForSequenceClassification
 
 import sam_peft
 from sam_peft.selection.budget import per_tensor_budget
@@ -25,35 +26,15 @@ from sam_peft.selection.targets import targets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPARSITY = 0.02
-VOCAB, SEQ, BATCH = 100, 8, 4
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def tiny_bert(seed: int = 0, attn_implementation: str | None = None) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=64, type_vocab_size=2, num_labels=2,
-    )
-    if attn_implementation is not None:
-        config._attn_implementation = attn_implementation
-    return BertForSequenceClassification(config).eval()
-
-
-def make_batches(n: int, seed: int = 1, batch_size: int = BATCH) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(n):
-        mask = torch.ones(batch_size, SEQ, dtype=torch.long)
-        mask[0, SEQ - 2 :] = 0  # some padding, so attention masks matter
-        batches.append({
-            "input_ids": torch.randint(0, VOCAB, (batch_size, SEQ), generator=g),
-            "attention_mask": mask,
-            "labels": torch.randint(0, 2, (batch_size,), generator=g),
-        })
-    return batches
+# conftest's BERT with transformers' default dropout (the burn-in runs with and without it), and its batches
+# with ids from the whole vocabulary and some padding, so attention masks matter
+tiny_bert = partial(make_bert, dropout=0.1)
+make_batches = partial(conftest.make_batches, min_id=0, padding=2)
 
 
 def tuned_params(base) -> list[tuple[str, torch.nn.Parameter]]:
@@ -62,9 +43,7 @@ def tuned_params(base) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def peft_model(base, **kwargs):
-    kwargs.setdefault("sparsity", SPARSITY)
-    kwargs.setdefault("task_type", "SEQ_CLS")
-    return get_peft_model(copy.deepcopy(base), sam_peft.SAMConfig(**kwargs))
+    return sam_model(copy.deepcopy(base), **{"sparsity": SPARSITY, **kwargs})
 
 
 def reference_statistics(base, batches, kind: str, per_example: bool = False) -> dict[str, torch.Tensor]:
