@@ -183,6 +183,24 @@ def test_prefix_attention_matches_a_reference_computation():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_prefix_starts_as_the_models_keys_and_values_of_random_tokens():
+    model = get_peft_model(_bert(), PrefixConfig(num_virtual_tokens=6, seed=3, task_type="SEQ_CLS"))
+    bert = model.base_model.model.bert
+    layer = bert.encoder.layer[0].attention.self
+    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        hidden = bert.embeddings(input_ids=ids)
+        key = layer.base_layer.key(hidden).view(1, 6, HEADS, -1).transpose(1, 2)
+        value = layer.base_layer.value(hidden).view(1, 6, HEADS, -1).transpose(1, 2)
+    torch.testing.assert_close(layer.unified_prefix_key["default"], key)
+    torch.testing.assert_close(layer.unified_prefix_value["default"], value)
+    later = bert.encoder.layer[1].attention.self.unified_prefix_key["default"]
+    assert later.shape == key.shape and not torch.allclose(later, key)
+    normal = get_peft_model(_bert(), PrefixConfig(num_virtual_tokens=6, prefix_init="normal", init_std=0.02))
+    prefix = normal.base_model.model.bert.encoder.layer[0].attention.self.unified_prefix_key["default"]
+    assert 0.01 < prefix.std().item() < 0.03
+
+
 def test_prefix_keeps_padding_masked_and_eager_equals_sdpa():
     inputs = _inputs()
     outs = {}
@@ -224,7 +242,8 @@ def test_adapter_config_errors(kwargs):
 
 @pytest.mark.parametrize("cls,kwargs", [
     (PrefixConfig, {"num_virtual_tokens": 0}), (PrefixConfig, {"init_std": -1.0}), (MAMConfig, {"r": -4}),
-    (MAMConfig, {"scaling": 0.0}), (MAMConfig, {"num_virtual_tokens": 1.5}),
+    (MAMConfig, {"scaling": 0.0}), (MAMConfig, {"num_virtual_tokens": 1.5}), (PrefixConfig, {"prefix_init": "zeros"}),
+    (MAMConfig, {"init_std": float("nan")}),
 ])
 def test_prefix_and_mam_config_errors(cls, kwargs):
     with pytest.raises(ConfigError):

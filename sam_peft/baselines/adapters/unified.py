@@ -8,6 +8,8 @@ He et al. view adapters, prefix tuning and LoRA as modifications Δh of hidden s
   starts equal to the base model.
 - `PrefixConfig` (peft type UNIFIED_PREFIX): prefix tuning (Li & Liang 2021): l learned key and value vectors
   per attention layer, prepended to every sequence's keys and values (attended by every query, causal or not).
+  They start as the keys and values the model computes for l seeded random vocabulary tokens (Li & Liang's
+  initialisation with real-word activations), so they start at the scale of the model's own activations.
 - `MAMConfig` (peft type UNIFIED_MAM): the paper's "Mix-And-Match" adapter, prefix tuning on attention plus a
   scaled parallel adapter on the FFN, held by one tuner (peft cannot put a prompt-learning method and a tuner on
   one model).
@@ -53,6 +55,7 @@ ADAPTER_PEFT_TYPE = extend_peft_type(ADAPTER_NAME)
 PREFIX_PEFT_TYPE = extend_peft_type(PREFIX_NAME)
 MAM_PEFT_TYPE = extend_peft_type(MAM_NAME)
 STYLES = ("parallel", "sequential")
+PREFIX_INITS = ("tokens", "normal")
 PLACEMENTS = ("attention", "ffn", "both")
 # Module-name patterns per model family: role -> regex (re.fullmatch on the module's name in the model).
 FAMILIES = {
@@ -93,6 +96,14 @@ def _check_adapter_options(style: str, placement: str, r, scaling, non_linearity
         raise ConfigError(f"{prefix}scaling must be a positive finite number or None, got {scaling!r}.")
     if non_linearity not in ACTIVATIONS:
         raise ConfigError(f"non_linearity={non_linearity!r} is unknown; use one of {sorted(ACTIVATIONS)}.")
+
+
+def _check_prefix_init(prefix_init: str, init_std) -> None:
+    if prefix_init not in PREFIX_INITS:
+        raise ConfigError(f"prefix_init={prefix_init!r} is unknown; use one of {list(PREFIX_INITS)}.")
+    if isinstance(init_std, bool) or not isinstance(init_std, (int, float)) or not math.isfinite(init_std) \
+            or init_std < 0:
+        raise ConfigError(f"init_std must be a finite number >= 0, got {init_std!r}.")
 
 
 class _UnifiedConfigBase(PeftConfig):
@@ -146,13 +157,19 @@ class PrefixConfig(_UnifiedConfigBase):
     Args:
         num_virtual_tokens (`int`): the prefix length l: l key and l value vectors per attention layer (per
             key/value head), prepended to the keys and values of every sequence. He et al. use l = 30 in MAM.
-        init_std (`float`): the prefix vectors start as N(0, init_std²). Unlike the adapters, a prefix changes
-            the attention output from the start (each query gives some weight to the prefix).
+        prefix_init (`str`): "tokens" (default): the keys and values the base model computes for l random
+            vocabulary tokens (seeded by `seed`; Li & Liang's real-word initialisation); "normal": N(0, init_std²).
+            Unlike the adapters, a prefix changes the attention output from the start (each query gives part of
+            its attention to the prefix).
+        init_std (`float`): std of the "normal" initialisation.
+        seed (`int`): seed of the "tokens" initialisation's token choice.
         modules_to_save (`list[str] | None`): modules trained densely (the task head; automatic for SEQ_CLS).
     """
 
     num_virtual_tokens: int = field(default=30, metadata={"help": "prefix length l"})
-    init_std: float = field(default=0.02, metadata={"help": "std of the prefix vectors' initialisation"})
+    prefix_init: str = field(default="tokens", metadata={"help": "tokens (real-token activations) or normal"})
+    init_std: float = field(default=0.02, metadata={"help": "std of the 'normal' prefix initialisation"})
+    seed: int = field(default=0, metadata={"help": "seed of the 'tokens' initialisation"})
     target_modules: str | None = field(default=None, metadata={"help": "set from the model; not set by hand"})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "modules trained densely"})
 
@@ -160,9 +177,7 @@ class PrefixConfig(_UnifiedConfigBase):
         super().__post_init__()
         self.peft_type = PREFIX_PEFT_TYPE
         _check_positive_int("num_virtual_tokens", self.num_virtual_tokens)
-        if isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float)) or self.init_std < 0 \
-                or not math.isfinite(self.init_std):
-            raise ConfigError(f"init_std must be a finite number >= 0, got {self.init_std!r}.")
+        _check_prefix_init(self.prefix_init, self.init_std)
 
     def plan(self) -> tuple[int, dict | None]:
         return self.num_virtual_tokens, None
@@ -178,7 +193,9 @@ class MAMConfig(_UnifiedConfigBase):
             at hidden size 1024), i.e. 192 for MiniLM (hidden 384); resolved when the adapter is created.
         scaling (`float`): the adapter's scale s (the paper's 4).
         non_linearity (`str`): the adapter's f ("relu").
-        init_std (`float`): std of the prefix vectors' initialisation.
+        prefix_init (`str`): "tokens" (real-token activations, default) or "normal" (see `PrefixConfig`).
+        init_std (`float`): std of the "normal" prefix initialisation.
+        seed (`int`): seed of the "tokens" initialisation's token choice.
         modules_to_save (`list[str] | None`): modules trained densely (the task head; automatic for SEQ_CLS).
     """
 
@@ -186,7 +203,9 @@ class MAMConfig(_UnifiedConfigBase):
     r: int | None = field(default=None, metadata={"help": "FFN adapter width; None: hidden size // 2"})
     scaling: float = field(default=4.0, metadata={"help": "scale s of the FFN adapter"})
     non_linearity: str = field(default="relu", metadata={"help": "relu, swish, gelu or tanh"})
-    init_std: float = field(default=0.02, metadata={"help": "std of the prefix vectors' initialisation"})
+    prefix_init: str = field(default="tokens", metadata={"help": "tokens (real-token activations) or normal"})
+    init_std: float = field(default=0.02, metadata={"help": "std of the 'normal' prefix initialisation"})
+    seed: int = field(default=0, metadata={"help": "seed of the 'tokens' initialisation"})
     target_modules: str | None = field(default=None, metadata={"help": "set from the model; not set by hand"})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "modules trained densely"})
 
@@ -195,8 +214,7 @@ class MAMConfig(_UnifiedConfigBase):
         self.peft_type = MAM_PEFT_TYPE
         _check_positive_int("num_virtual_tokens", self.num_virtual_tokens)
         _check_adapter_options("parallel", "ffn", self.r, self.scaling, self.non_linearity)
-        if isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float)) or self.init_std < 0:
-            raise ConfigError(f"init_std must be a number >= 0, got {self.init_std!r}.")
+        _check_prefix_init(self.prefix_init, self.init_std)
 
     def plan(self) -> tuple[int, dict | None]:
         return self.num_virtual_tokens, {"style": "parallel", "placement": "ffn", "r": self.r,
@@ -238,6 +256,17 @@ class _PrefixCache:
                 torch.cat([self.value.to(value_states.dtype), value_states], dim=2))
 
 
+class _CaptureCache:
+    """Stands in for a `Cache` in one attention call and records the keys and values (prefix initialisation)."""
+
+    def __init__(self, store: dict) -> None:
+        self.store = store
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.store["key"], self.store["value"] = key_states.detach(), value_states.detach()
+        return key_states, value_states
+
+
 def _extend_mask(mask, length: int, queries: int, past: int, causal: bool, device):
     """The attention mask with `length` leading columns that every query attends (the prefix)."""
     if mask is None:
@@ -275,6 +304,7 @@ class UnifiedLayer(nn.Module, BaseTunerLayer):
         self.unified_prefix_key = nn.ParameterDict()
         self.unified_prefix_value = nn.ParameterDict()
         self.unified_settings: dict[str, dict] = {}
+        self._capture: dict | None = None  # set while the prefix initialisation records keys and values
         if isinstance(base_layer, nn.Linear):
             self.kind = "linear"
         elif hasattr(base_layer, "LayerNorm") and hasattr(base_layer, "dense"):
@@ -337,6 +367,10 @@ class UnifiedLayer(nn.Module, BaseTunerLayer):
         return [n for n in self.active_adapters if n in self.unified_settings]
 
     def forward(self, *args, **kwargs):
+        if self._capture is not None:  # the base model's own keys and values, no prefix or adapter
+            if self.unified_prefix_key:
+                kwargs = {**kwargs, "cache": _CaptureCache(self._capture)}
+            return self.base_layer(*args, **kwargs)
         active = self._active()
         if not active:
             return self.base_layer(*args, **kwargs)
@@ -415,6 +449,35 @@ class UnifiedModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config = self.peft_config[adapter_name]
+        if config.plan()[0] and config.prefix_init == "tokens" and not config.inference_mode \
+                and not any(p.is_meta for p in model.parameters()):
+            self._prefix_from_tokens(model, adapter_name, config)
+
+    @torch.no_grad()
+    def _prefix_from_tokens(self, model: nn.Module, adapter_name: str, config) -> None:
+        """Set the prefix to the keys and values the base model computes for l seeded random vocabulary tokens."""
+        layers = [m for m in model.modules() if isinstance(m, UnifiedLayer) and adapter_name in m.unified_prefix_key]
+        embeddings = model.get_input_embeddings()
+        generator = torch.Generator().manual_seed(config.seed)
+        ids = torch.randint(0, embeddings.num_embeddings, (1, config.num_virtual_tokens), generator=generator)
+        backbone = getattr(model, "base_model", model)  # the encoder/decoder without its task head
+        training = model.training
+        for layer in (m for m in model.modules() if isinstance(m, UnifiedLayer)):
+            layer._capture = {}
+        try:
+            model.eval()
+            backbone(input_ids=ids.to(embeddings.weight.device), use_cache=False)
+            for layer in layers:
+                for store, key in ((layer.unified_prefix_key, "key"), (layer.unified_prefix_value, "value")):
+                    store[adapter_name].copy_(layer._capture[key].to(store[adapter_name].dtype))
+        finally:
+            for layer in (m for m in model.modules() if isinstance(m, UnifiedLayer)):
+                layer._capture = None
+            model.train(training)
 
     def _replace_module(self, parent, child_name, new_module, child) -> None:
         setattr(parent, child_name, new_module)  # the wrapped modules need no weight sharing or device moves
