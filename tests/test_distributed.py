@@ -22,7 +22,7 @@ from sam_peft.selection.topk import topk_global, topk_per_tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distributed_worker as w  # noqa: E402
-import test_selection as t  # noqa: E402
+from distributed_worker import assert_same_indices, make_batches, peft_model, tiny_bert, tuned_params  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def launch(scenario: str, tmp_path: Path) -> list[Path]:
 
 
 def one_process(base, batches, kind: str, allocation: str, clip, dtype: str):
-    model = t.peft_model(base, allocation=allocation)
+    model = peft_model(base, allocation=allocation)
     sam_peft.select_parameters(model, batches, dropout=False, progress=False, selection=kind, max_grad_norm=clip,
                                statistics_dtype=dtype)
     return model, sam_peft.selected_indices(model)
@@ -67,7 +67,7 @@ def one_process(base, batches, kind: str, allocation: str, clip, dtype: str):
 
 @pytest.fixture(scope="module")
 def base():
-    return t.tiny_bert()
+    return tiny_bert()
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +87,11 @@ def test_fsdp_selection_training_save_and_load(base, two_ranks):
     for case in w.FSDP_CASES:
         _, single = one_process(base, merged, *case)
         for result in results:
-            t.assert_same_indices(result["selected"][case], single)
+            assert_same_indices(result["selected"][case], single)
     for allocation in ("global", "per_tensor"):  # embedding rows that do not split evenly over the ranks
         _, single = one_process(w.uneven_bert(), merged, "sam", allocation, None, "float32")
         for result in results:
-            t.assert_same_indices(result["selected"][("uneven", allocation)], single)
+            assert_same_indices(result["selected"][("uneven", allocation)], single)
     # and the shards matter: one rank's batches alone select something else
     _, alone = one_process(base, w.step_batches(0), "sam", "global", None, "float32")
     _, single = one_process(base, merged, "sam", "global", None, "float32")
@@ -109,12 +109,12 @@ def test_fsdp_selection_training_save_and_load(base, two_ranks):
         stored = {k: f.get_tensor(k) for k in f.keys()}
     assert sum(v.numel() for k, v in stored.items() if "sparsediff_values" in k) == r0["numel"]
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "saved"))
-    t.assert_same_indices(sam_peft.selected_indices(loaded), r0["loaded_selected"])
+    assert_same_indices(sam_peft.selected_indices(loaded), r0["loaded_selected"])
     for result in results:
         torch.testing.assert_close(result["loaded_logits"], result["logits"])
     loaded.eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**t.make_batches(1, seed=9)[0]).logits, r0["logits"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loaded(**make_batches(1, seed=9)[0]).logits, r0["logits"], rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- DDP and the Trainer
@@ -123,14 +123,14 @@ def test_fsdp_selection_training_save_and_load(base, two_ranks):
 def test_ddp_options_and_trainer_with_both_allocations(base, two_ranks):
     results = two_ranks[1]["ddp"]
     for case in w.DDP_CASES:
-        model, single = one_process(base, t.make_batches(4, seed=7), *case)  # DDP: the same batches, one by one
+        model, single = one_process(base, make_batches(4, seed=7), *case)  # DDP: the same batches, one by one
         for result in results:
-            t.assert_same_indices(result["selected"][case], single)
+            assert_same_indices(result["selected"][case], single)
         torch.testing.assert_close(results[0]["grads"][case], results[1]["grads"][case])
     for allocation in ("global", "per_tensor"):
         r0, r1 = (r["trainer"][allocation] for r in results)
         assert r0["ddp"] and r1["ddp"]
-        t.assert_same_indices(r0["selected"], r1["selected"])
+        assert_same_indices(r0["selected"], r1["selected"])
         assert any(torch.count_nonzero(v) for v in r0["values"].values())
         for name in r0["values"]:
             torch.testing.assert_close(r0["values"][name], r1["values"][name])
@@ -157,10 +157,10 @@ def test_sharded_topk_equals_one_process_topk(seed):
 
 
 def test_clipping_and_bf16_statistics_in_one_process(base):
-    batches = t.make_batches(3, seed=7)
+    batches = make_batches(3, seed=7)
     _, plain = one_process(base, batches, "sam", "global", None, "float32")
     _, unclipped = one_process(base, batches, "sam", "global", 1e9, "float32")  # a norm never reached
-    t.assert_same_indices(unclipped, plain)
+    assert_same_indices(unclipped, plain)
     _, clipped = one_process(base, batches, "sam", "global", 1e-3, "float32")
     assert any(not torch.equal(clipped[n], plain[n]) for n in plain)  # the clipped sum weights batches equally
     _, half = one_process(base, batches, "sam", "per_tensor", None, torch.bfloat16)
@@ -174,11 +174,11 @@ def test_clipping_and_bf16_statistics_in_one_process(base):
 
 
 def test_deepspeed_zero3_is_refused_with_a_pointer_to_fsdp(base):
-    model = t.peft_model(base)
+    model = peft_model(base)
     for p in model.parameters():  # what ZeRO-3 leaves on a partitioned parameter
         p.ds_id, p.ds_numel = 0, p.numel()
     with pytest.raises(sam_peft.SelectionError, match="ZeRO-3.*FSDP"):
-        sam_peft.select_parameters(model, t.make_batches(1), progress=False)
+        sam_peft.select_parameters(model, make_batches(1), progress=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -187,13 +187,13 @@ def test_fsdp_selection_on_one_gpu(base, tmp_path):
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
-    batches = t.make_batches(2, seed=7)
+    batches = make_batches(2, seed=7)
     _, single = one_process(base, batches, "sam", "global", 1.0, "float32")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     dist.init_process_group("nccl", rank=0, world_size=1)
     try:
         torch.cuda.set_device(0)
-        model = t.peft_model(base, allocation="global").cuda()
+        model = peft_model(base, allocation="global").cuda()
         for layer in model.base_model.model.bert.encoder.layer:
             fully_shard(layer)
         fully_shard(model)
@@ -204,3 +204,23 @@ def test_fsdp_selection_on_one_gpu(base, tmp_path):
         dist.destroy_process_group()
     same = sum(int(torch.isin(gpu[n], single[n]).sum()) for n in single)
     assert same >= 0.99 * sum(v.numel() for v in single.values())  # GPU kernels round differently at near-ties
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_trainer_with_accelerate_fsdp2_on_gpu(base, tmp_path):
+    """Trainer + accelerate's FSDP2 plugin (torchrun, one process per GPU) + SAMCallback with global allocation."""
+    n = min(torch.cuda.device_count(), 2)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "trainer.pt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={_free_port()}",
+         w.__file__, "trainer_fsdp", "0", "0", str(out), str(tmp_path)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    result = torch.load(out, weights_only=False)
+    k = sum(i.numel() for i in result["selected"].values())
+    assert k == result["k"] == sam_peft.selection.budget.per_tensor_budget(0.02, sum(
+        p.numel() for _, p in tuned_params(base)))
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "fsdp-trainer-saved"))
+    assert_same_indices(sam_peft.selected_indices(loaded), result["selected"])
+    assert any(torch.count_nonzero(v) for v in result["values"].values())
