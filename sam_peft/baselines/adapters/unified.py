@@ -293,7 +293,7 @@ class UnifiedLayer(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names = ("unified_down", "unified_up", "unified_prefix_key", "unified_prefix_value")
-    other_param_names = ("unified_settings",)
+    other_param_names = ("unified_act", "unified_settings")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, roles: set[str], hidden: int) -> None:
         super().__init__()
