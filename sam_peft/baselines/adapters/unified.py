@@ -19,8 +19,8 @@ classification models of transformers 5 no longer accept ("Model does not suppor
 required for prefix tuning"), so prefix tuning is implemented here: the attention module is wrapped and given a
 small cache object whose `update` prepends the prefix to the keys and values, and the attention mask gets l
 "attend" columns. Supported: BERT-family encoders (`...layer.N.attention.self`, `.attention.output`,
-`.output`: BERT, RoBERTa, ELECTRA, MiniLM) and Llama-family decoders (`...layers.N.self_attn`, `.mlp`) with eager
-or SDPA attention.
+`.output`; checked: BERT, MiniLM, RoBERTa) and Llama-family decoders (`...layers.N.self_attn`, `.mlp`; checked:
+Llama, Mistral, Qwen2) with eager or SDPA attention.
 
 Where the modification sits (BERT-family, post-LayerNorm): a parallel adapter is added to the sublayer's output
 before the residual connection and LayerNorm, LN(h + s·f(x W_down) W_up + x), as in He et al.'s code; it wraps
