@@ -56,12 +56,15 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         self._cache: dict[tuple, tuple[tuple, Any]] = {}
         # serialises what swaps or writes the base module's tensors for a call (functional_call, written deltas)
         self._lock = threading.Lock()
+        self._epoch = 0  # moves whenever entries, adapters or loaded tensors change: forward plans are rebuilt
         self.update_layer(adapter_name, config)
+        self.register_load_state_dict_post_hook(_entries_changed)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state.pop("_lock", None)
         state["_cache"] = {}  # derived from the indices (and holds the lock): rebuilt on first use
+        state.pop("_plan", None)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -86,6 +89,7 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
             indices[name] = torch.arange(count, dtype=index_dtype(param.numel()), device=param.device)
         self.sparsediff_values[adapter_name] = values
         self.sparsediff_indices[adapter_name] = indices
+        self._epoch += 1
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def set_entries(self, adapter_name: str, name: str, indices: torch.Tensor, values: torch.Tensor | None = None):
@@ -100,6 +104,11 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         new = torch.zeros(indices.numel(), dtype=VALUES_DTYPE, device=param.device) if values is None else values
         value_param.data = new.detach().to(device=param.device, dtype=VALUES_DTYPE).clone()
         value_param.grad = None
+        self._epoch += 1
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._epoch += 1
 
     def entries(self, adapter_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{own parameter name: (indices, values)} of one adapter."""
@@ -219,6 +228,10 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
                     indices = self.sparsediff_indices[adapter][name].long()
                     base_params[name].data.view(-1).index_copy_(0, indices, saved)
                     torch.autograd.graph.increment_version(base_params[name])
+
+
+def _entries_changed(module: SparseDiffLayer, incompatible_keys: Any) -> None:
+    module._epoch += 1
 
 
 @dataclass(frozen=True)

@@ -132,8 +132,8 @@ class DeltaSlot:
         return DeltaSlot(weight, indices, theta0, wide, lock, DeltaSlot.weight_key(weight))
 
     def entries(self, values: torch.Tensor) -> torch.Tensor:
-        """θ0 + values at the indices, in W's dtype."""
-        return (self.theta0_wide + values.detach()).to(self.theta0.dtype)
+        """θ0 + values at the indices, added in fp32 (or wider) and rounded once to W's dtype (one kernel)."""
+        return torch.add(self.theta0_wide, values.detach(), out=torch.empty_like(self.theta0))
 
 
 @contextmanager
@@ -156,12 +156,10 @@ class WrittenDeltaMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, values, structure, transposed, slot):
-        device = x.device.type
         written = slot.entries(values)
         with delta_written(slot, written):
             out = matmul(x, weight, bias, transposed)
-        ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device), device)
-        ctx.compute_dtype = out.dtype
+        ctx.compute_dtype = out.dtype  # the autocast (or weight) dtype: backward computes in it, no autocast needed
         # Linear: entries sit at (output row, input column); Conv1D (in × out): (input row, output column)
         x2 = x.reshape(-1, x.shape[-1])
         x_side = structure.take_rows(x2) if transposed else structure.take_cols(x2)
@@ -173,20 +171,18 @@ class WrittenDeltaMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x_side, written = ctx.saved_tensors
-        enabled, dtype, device = ctx.autocast
         grad_x = grad_bias = grad_values = None
-        go2 = grad_out.reshape(-1, grad_out.shape[-1])
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
-            if ctx.needs_input_grad[0]:
-                with delta_written(ctx.slot, written):
-                    weight = ctx.slot.weight.to(ctx.compute_dtype)
-                    grad_x = (go2 @ (weight.t() if ctx.transposed else weight)).view(ctx.x_shape)
-            if ctx.needs_input_grad[2]:
-                grad_bias = go2.sum(0)
-            if ctx.needs_input_grad[3]:
-                g_side = ctx.structure.take_cols(go2) if ctx.transposed else ctx.structure.take_rows(go2)
-                row_side, col_side = (x_side, g_side) if ctx.transposed else (g_side, x_side)
-                grad_values = ctx.structure.gather_gradient(row_side.to(go2.dtype), col_side).float()
+        go2 = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.compute_dtype)
+        if ctx.needs_input_grad[0]:
+            with delta_written(ctx.slot, written):
+                weight = ctx.slot.weight.to(ctx.compute_dtype)
+                grad_x = (go2 @ (weight.t() if ctx.transposed else weight)).view(ctx.x_shape)
+        if ctx.needs_input_grad[2]:
+            grad_bias = go2.sum(0)
+        if ctx.needs_input_grad[3]:
+            g_side = ctx.structure.take_cols(go2) if ctx.transposed else ctx.structure.take_rows(go2)
+            row_side, col_side = (x_side, g_side) if ctx.transposed else (g_side, x_side)
+            grad_values = ctx.structure.gather_gradient(row_side, col_side).float()
         return grad_x, None, grad_bias, grad_values, None, None, None
 
 

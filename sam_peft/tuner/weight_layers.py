@@ -19,6 +19,7 @@ from .ops import (
     BlockStructure,
     DeltaSlot,
     EmbeddingStructure,
+    compose,
     matmul,
     sparse_delta_embedding,
     sparse_term,
@@ -35,6 +36,8 @@ def _writable(weight: torch.Tensor) -> bool:
 
 class _WeightDeltaLayer(SparseDiffLayer):
     """A layer whose `weight` carries a delta through the fast paths of `ops`."""
+
+    _plan: tuple | None = None  # what the last call ran with, reused while nothing it depends on changed
 
     def _slot(self, adapters: list[str], indices: torch.Tensor) -> DeltaSlot:
         weight = self.get_base_layer().weight
@@ -71,9 +74,27 @@ class SparseDiffLinear(_WeightDeltaLayer):
         version = (indices.data_ptr(), indices.numel(), shape)
         return self._cached(("block", tuple(adapters)), version, lambda: BlockStructure.build(indices, shape))
 
+    def _plan_key(self) -> tuple:
+        active = self._active_adapter
+        return (self._disable_adapters, active if isinstance(active, str) else tuple(active),
+                tuple(self.merged_adapters), self._epoch)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        plan = self._plan
+        # the training hot path: one active adapter, written delta, nothing changed since the last call
+        if plan is not None and plan[0] == self._plan_key() and plan[1].data_ptr() == plan[2] \
+                and plan[3].data_ptr() == plan[4]:
+            _, values, _, weight, _, bias, bias_delta, structure, slot = plan
+            if bias_delta is not None:
+                bias = compose(bias, bias_delta[0], bias_delta[1])
+            return written_delta_matmul(x, weight, bias, values, structure, self.transposed, slot)
+        self._plan = None
+        return super().forward(x, *args, **kwargs)
+
     def _forward_with_deltas(self, adapters: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
-        bias = None if base.bias is None else self._composed(adapters, "bias", base.bias)
+        bias_delta = None if base.bias is None else self._delta(adapters, "bias")
+        bias = base.bias if bias_delta is None else compose(base.bias, *bias_delta)
         found = self._weight_delta(adapters)
         if found is None:
             return matmul(x, base.weight, bias, self.transposed)
@@ -81,6 +102,9 @@ class SparseDiffLinear(_WeightDeltaLayer):
         structure = self._block(adapters, indices)
         if writable:
             slot = self._slot(adapters, indices)
+            if bias_delta is None or len(adapters) == 1:
+                self._plan = (self._plan_key(), values, values.data_ptr(), base.weight, base.weight.data_ptr(),
+                              base.bias, bias_delta, structure, slot)
             return written_delta_matmul(x, base.weight, bias, values, structure, self.transposed, slot)
         out = matmul(x, base.weight, bias, self.transposed) if bias is not base.bias else base(x, *args, **kwargs)
         return out + sparse_term(x, values, structure, self.transposed, self.out_features).to(out.dtype)
