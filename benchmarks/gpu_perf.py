@@ -171,9 +171,29 @@ def worker(method: str, shape: str, device: str, warmup: int, steps: int, profil
     result["peak_bytes"] = _peak(device)
     result["trainable"] = int(sum(p.numel() for p in params))
     result["step_median"] = statistics.median(result["step_seconds"])
+    if method == "sam":
+        result["blocks"] = _block_shares(model)
     if profile_dir:
         _profile(model, batches, device, optimizer, autocast, os.path.join(profile_dir, f"profile-{method}.txt"))
     return result
+
+
+def _block_shares(model) -> dict:
+    """Parameter-weighted shares of touched rows, touched columns and the rows × columns block of the Linear
+    weights (what the values' gradient and the saved inputs cost, relative to dense)."""
+    from sam_peft.tuner.ops import BlockStructure
+
+    total = rows = cols = block = 0.0
+    for module in model.modules():
+        for _, structure in getattr(module, "_cache", {}).values():
+            if isinstance(structure, BlockStructure):
+                n = structure.n_rows * structure.n_cols
+                r, c = structure.block_shape
+                total += n
+                rows += n * r / structure.n_rows
+                cols += n * c / structure.n_cols
+                block += r * c
+    return {} if not total else {"rows": rows / total, "cols": cols / total, "block": block / total}
 
 
 def _train_burn_in(model, batches, device: str, warmup: int) -> dict:

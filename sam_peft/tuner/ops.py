@@ -160,10 +160,19 @@ class WrittenDeltaMatmul(torch.autograd.Function):
         with delta_written(slot, written):
             out = matmul(x, weight, bias, transposed)
         ctx.compute_dtype = out.dtype  # the autocast (or weight) dtype: backward computes in it, no autocast needed
-        # Linear: entries sit at (output row, input column); Conv1D (in × out): (input row, output column)
-        x2 = x.reshape(-1, x.shape[-1])
-        x_side = structure.take_rows(x2) if transposed else structure.take_cols(x2)
-        ctx.save_for_backward(x_side.to(out.dtype) if values.requires_grad else None, written)
+        # Linear: entries sit at (output row, input column); Conv1D (in × out): (input row, output column). Keep
+        # only the input columns the entries need, unless that copy would be half of x or more: then keep x itself
+        # (no copy; often saved by its other consumers anyway) and take the columns in backward.
+        x_side = None
+        if values.requires_grad:
+            x2 = x.reshape(-1, x.shape[-1])
+            taken = structure.rows if transposed else structure.cols
+            if taken is not None and 2 * taken.numel() < x2.shape[1]:
+                x_side = x2.index_select(1, taken).to(out.dtype)
+                ctx.take_in_backward = False
+            else:
+                x_side, ctx.take_in_backward = x2, True
+        ctx.save_for_backward(x_side, written)
         ctx.slot = slot
         ctx.structure, ctx.transposed, ctx.x_shape = structure, transposed, x.shape
         return out
@@ -180,6 +189,9 @@ class WrittenDeltaMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_bias = go2.sum(0)
         if ctx.needs_input_grad[3]:
+            if ctx.take_in_backward:
+                x_side = ctx.structure.take_rows(x_side) if ctx.transposed else ctx.structure.take_cols(x_side)
+            x_side = x_side.to(go2.dtype)
             g_side = ctx.structure.take_cols(go2) if ctx.transposed else ctx.structure.take_rows(go2)
             row_side, col_side = (x_side, g_side) if ctx.transposed else (g_side, x_side)
             grad_values = ctx.structure.gather_gradient(row_side, col_side).float()
