@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import llama_config
 from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
@@ -22,9 +23,8 @@ VOCAB = 64
 
 
 def tiny_llama_config(tie: bool = False) -> LlamaConfig:
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                       tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    """conftest's tiny Llama with a 64-token vocabulary (the tokenizer built below) and bos 1."""
+    return llama_config(vocab_size=VOCAB, bos_token_id=1, tie_word_embeddings=tie)
 
 
 def tiny_llama(tie: bool = False) -> LlamaForCausalLM:

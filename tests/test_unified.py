@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import llama_config, make_bert
 from peft import PeftModel, get_peft_model
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+from transformers import BertForSequenceClassification, LlamaForSequenceClassification
 
 from sam_peft.baselines.adapters import AdapterConfig, MAMConfig, PrefixConfig
 from sam_peft.baselines.adapters.unified import UnifiedLayer, _family
@@ -24,17 +25,16 @@ HIDDEN, LAYERS, HEADS = 32, 2, 4
 
 
 def _bert(attn: str = "sdpa") -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=100, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2, attn_implementation=attn)
-    return BertForSequenceClassification(config).eval()
+    """conftest's tiny BERT with 4 heads and transformers' default dropout."""
+    return make_bert(dropout=0.1, num_attention_heads=HEADS, attn_implementation=attn)
 
 
 def _llama() -> LlamaForSequenceClassification:
+    """conftest's tiny Llama (4 heads, 2 key-value heads) as a classifier, with LlamaConfig's default positions
+    and bos."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS,
-                         num_attention_heads=HEADS, num_key_value_heads=2, pad_token_id=0, num_labels=2)
-    return LlamaForSequenceClassification(config).eval()
+    return LlamaForSequenceClassification(
+        llama_config(max_position_embeddings=2048, bos_token_id=1, num_labels=2)).eval()
 
 
 def _inputs(seed: int = 1) -> dict:
