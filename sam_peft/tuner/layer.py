@@ -60,6 +60,16 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         self.update_layer(adapter_name, config)
         self.register_load_state_dict_post_hook(_entries_changed)
 
+    @property
+    def in_features(self) -> int | None:
+        """The wrapped module's input size (None for kinds without one, e.g. LayerNorm), as peft layers expose."""
+        return _features(self.get_base_layer())[0]
+
+    @property
+    def out_features(self) -> int | None:
+        """The wrapped module's output size (None for kinds without one)."""
+        return _features(self.get_base_layer())[1]
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state.pop("_lock", None)
@@ -166,8 +176,18 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
     def _forward_with_deltas(self, adapters: list[str], *args: Any, **kwargs: Any) -> Any:
         base = self.get_base_layer()
         with self._lock:  # functional_call swaps the module's parameters for the call: read and swap as one
-            params = {name: self._composed(adapters, name, p) for name, p in self.tuned_parameters().items()}
-            return functional_call(base, params, args, kwargs, strict=False)
+            # FSDP (use_orig_params) puts the gathered tensors in the module's __dict__, shadowing _parameters
+            shadowed = {n: base.__dict__[n] for n in self.tuned_parameters() if n in base.__dict__}
+            current = {**self.tuned_parameters(), **shadowed}
+            params = {name: self._composed(adapters, name, p) for name, p in current.items()}
+            if not shadowed:
+                return functional_call(base, params, args, kwargs, strict=False)
+            try:
+                base.__dict__.update({n: params[n] for n in shadowed})
+                rest = {n: t for n, t in params.items() if n not in shadowed}
+                return functional_call(base, rest, args, kwargs, strict=False)
+            finally:
+                base.__dict__.update(shadowed)
 
     # ----------------------------------------------------------------- merging
     def get_delta_weight(self, adapter_name: str, name: str = "weight") -> torch.Tensor:
@@ -228,6 +248,17 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
                     indices = self.sparsediff_indices[adapter][name].long()
                     base_params[name].data.view(-1).index_copy_(0, indices, saved)
                     torch.autograd.graph.increment_version(base_params[name])
+
+
+_FEATURE_ATTRIBUTES = (("in_features", "out_features"), ("in_channels", "out_channels"),
+                       ("num_embeddings", "embedding_dim"), ("embed_dim", "embed_dim"))
+
+
+def _features(module: nn.Module) -> tuple[int | None, int | None]:
+    for first, second in _FEATURE_ATTRIBUTES:
+        if hasattr(module, first) and hasattr(module, second):
+            return getattr(module, first), getattr(module, second)
+    return None, None
 
 
 def _entries_changed(module: SparseDiffLayer, incompatible_keys: Any) -> None:
