@@ -169,8 +169,8 @@ def run_ddp(rank: int, out: str, tmp: Path) -> None:
     for case in DDP_CASES:
         kind, allocation, clip, dtype = case
         model = peft_model(base, allocation=allocation)
-        # built before the selection (sizes change under it); empty values are unused, as under Trainer
-        wrapped = DistributedDataParallel(model, find_unused_parameters=True)
+        # built before the selection: the values change length (global) or trainability (empty ones) under it
+        wrapped = DistributedDataParallel(model)
         sam_peft.select_parameters(wrapped, step_batches(rank), dropout=False, progress=False, selection=kind,
                                    max_grad_norm=clip, statistics_dtype=dtype)
         result["selected"][case] = sam_peft.selected_indices(model)

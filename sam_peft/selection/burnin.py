@@ -148,14 +148,22 @@ def select_parameters(
         named_scores = None  # local shards: no score summary
     else:
         chosen = choose(config, named_scores)
-    resized = install(tuner, adapter_name, chosen, root=peft_model)
-    if resized and engine == "replicated" and initialized():
+    before = _value_layout(tuner, adapter_name)
+    install(tuner, adapter_name, chosen, root=peft_model)
+    if before != _value_layout(tuner, adapter_name) and engine == "replicated" and initialized():
+        # the values changed length or trainability under a DDP wrapper built before: give it a new reducer
         wrappers = [model] if model is not peft_model else ddp_wrappers_of(peft_model)
         for wrapper in wrappers:
             rebuild_ddp(wrapper)
     del stats
     return SelectionReport.build(tuner, adapter_name, steps=steps, seconds=time.perf_counter() - start,
                                  burn_in_seconds=burn_in_seconds, scores=named_scores, chosen=chosen)
+
+
+def _value_layout(tuner, adapter_name: str) -> list[tuple[int, bool]]:
+    """(length, requires_grad) of each values tensor: what a DDP reducer is built from."""
+    return [(v.numel(), v.requires_grad) for v in (t.layer.sparsediff_values[adapter_name][t.attr]
+                                                    for t in targets(tuner, adapter_name))]
 
 
 def _statistics_dtype(dtype) -> torch.dtype:
