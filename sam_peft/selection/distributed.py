@@ -49,7 +49,7 @@ def check_engine(params: Sequence[torch.Tensor]) -> str:
             "the model's parameters are partitioned by DeepSpeed ZeRO-3, which sam-peft's burn-in selection does not "
             "support (each rank would see an empty placeholder instead of its partition's gradients). Use PyTorch "
             "FSDP2 instead: torch.distributed.fsdp.fully_shard, or accelerate's FSDP plugin with fsdp_version: 2 "
-            "(see docs/distributed.md); DeepSpeed ZeRO-1/2 and DDP keep whole weights and are supported."
+            "(see docs/distributed.md); DDP, which keeps whole weights, is supported too."
         )
     sharded = [is_sharded(p) for p in params]
     if any(sharded) and not all(sharded):
