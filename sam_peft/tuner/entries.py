@@ -7,7 +7,6 @@ import torch
 from ..selection.budget import choose
 from ..selection.distributed import is_sharded, set_sharded_values
 from ..selection.scores import magnitude_scores, random_scores
-from ..storage.validation import index_dtype
 from .layer import VALUES_DTYPE, tuner_targets
 
 
@@ -30,12 +29,10 @@ def install(tuner, adapter_name: str, chosen: dict[str, torch.Tensor], root: tor
         owner = target.layer.sparsediff_values[adapter_name]
         resized |= owner[target.attr].numel() != indices.numel()
         if is_sharded(owner[target.attr]):
-            param = target.param
-            target.layer.sparsediff_indices[adapter_name][target.attr] = (
-                indices.to(index_dtype(param.numel())).to(param.device))
+            target.layer.set_indices(adapter_name, target.attr, indices)
             full = torch.zeros(indices.numel(), dtype=VALUES_DTYPE) if values is None else values
             set_sharded_values(tuner.model if root is None else root, owner, target.attr, full)
-            target.layer._cache.clear()
+            target.layer.invalidate_caches()
         else:
             target.layer.set_entries(adapter_name, target.attr, indices, values)
         counts[target.name] = int(indices.numel())

@@ -108,12 +108,23 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         The values parameter keeps its identity (its `.data` is replaced), so an optimizer that already holds
         it trains the new entries.
         """
-        param = self.tuned_parameters()[name]
-        self.sparsediff_indices[adapter_name][name] = indices.to(index_dtype(param.numel())).to(param.device)
+        param = self.set_indices(adapter_name, name, indices)
         value_param = self.sparsediff_values[adapter_name][name]
         new = torch.zeros(indices.numel(), dtype=VALUES_DTYPE, device=param.device) if values is None else values
         value_param.data = new.detach().to(device=param.device, dtype=VALUES_DTYPE).clone()
         value_param.grad = None
+
+    def set_indices(self, adapter_name: str, name: str, indices: torch.Tensor) -> nn.Parameter:
+        """Install sorted flat `indices` for parameter `name` (its values are set by the caller); returns the base
+        parameter. Everything derived from the old indices is dropped."""
+        param = self.tuned_parameters()[name]
+        self.sparsediff_indices[adapter_name][name] = indices.to(index_dtype(param.numel())).to(param.device)
+        self.invalidate_caches()
+        return param
+
+    def invalidate_caches(self) -> None:
+        """Drop what was derived from the entries or the tensors (structures, θ0 slots, the forward plan)."""
+        self._cache.clear()
         self._epoch += 1
 
     def delete_adapter(self, adapter_name: str) -> None:
