@@ -371,6 +371,7 @@ def render_markdown(report: dict, source: str) -> str:
         f"Machine: {report['machine']['platform']}, {report['machine']['cpus']} CPUs, torch "
         f"{report['machine']['torch']}; {report['reps']} interleaved repetitions × {report['steps']} timed steps, "
         "each method in its own process; ratios are medians of same-repetition ratios.",
+        "The GPU protocol (TinyLlama-shaped decoder, bf16) is in [benchmarks-gpu.md](benchmarks-gpu.md).",
         "",
     ]
     for model, summary in report["summary"].items():
