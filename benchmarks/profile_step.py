@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import sys
 
+import perf
 import torch
 from torch.profiler import ProfilerActivity, profile
-
-import perf
 
 
 def main(method: str, steps: int = 3) -> None:
