@@ -169,3 +169,39 @@ def saved(tmp_path_factory):
         delta_tensors=load_file(str(root / "delta.safetensors")), delta_metadata=file_metadata(delta_raw),
         delta_expected=delta_content(delta_loaded),
     )
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback address, for a process group's rendezvous."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_two_ranks(argv_for_rank, timeout: float = 180.0) -> None:
+    """Run `python <argv_for_rank(rank, port)>` for ranks 0 and 1 at once (one thread each, the repository on
+    PYTHONPATH, a free local port for their process group); fail with a rank's log if it exits non-zero."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = str(free_port())
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    procs = [subprocess.Popen([sys.executable, *argv_for_rank(rank, port)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, log in zip(procs, logs):
+        assert proc.returncode == 0, log[-4000:]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,39 +21,16 @@ from sam_peft.selection.topk import topk_global, topk_per_tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distributed_worker as w  # noqa: E402
+from conftest import free_port, run_two_ranks  # noqa: E402
 from distributed_worker import assert_same_indices, make_batches, peft_model, tiny_bert, tuned_params  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(scenario: str, tmp_path: Path) -> list[Path]:
     """Run both ranks of a scenario; returns the path each rank saved to."""
-    port = str(_free_port())
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     outs = [tmp_path / f"{scenario}{r}.pt" for r in range(2)]
-    procs = [
-        subprocess.Popen([sys.executable, w.__file__, scenario, str(r), port, str(outs[r]), str(tmp_path)],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(2)
-    ]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=180)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for proc, log in zip(procs, logs):
-        assert proc.returncode == 0, log[-4000:]
+    run_two_ranks(lambda rank, port: [w.__file__, scenario, str(rank), port, str(outs[rank]), str(tmp_path)])
     return outs
 
 
@@ -189,7 +165,7 @@ def test_fsdp_selection_on_one_gpu(base, tmp_path):
 
     batches = make_batches(2, seed=7)
     _, single = one_process(base, batches, "sam", "global", 1.0, "float32")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("nccl", rank=0, world_size=1)
     try:
         torch.cuda.set_device(0)
@@ -213,7 +189,7 @@ def test_trainer_with_accelerate_fsdp2_on_gpu(base, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
     out = tmp_path / "trainer.pt"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={_free_port()}",
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={free_port()}",
          w.__file__, "trainer_fsdp", "0", "0", str(out), str(tmp_path)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:]

@@ -6,10 +6,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from functools import partial
 from pathlib import Path
@@ -17,7 +13,7 @@ from pathlib import Path
 import conftest
 import pytest
 import torch
-from conftest import SEQ, VOCAB, make_bert, sam_model
+from conftest import SEQ, VOCAB, make_bert, run_two_ranks, sam_model
 from safetensors import safe_open
 
 import sam_peft
@@ -402,37 +398,12 @@ WORKER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distributed_selection_equals_single_process(base, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    port = _free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(r), str(port), str(outs[r]), str(Path(__file__).parent)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for r in range(2)
-    ]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=120)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for proc, log in zip(procs, logs):
-        assert proc.returncode == 0, log[-3000:]
+    run_two_ranks(lambda rank, port: [str(script), str(rank), port, str(outs[rank]), str(Path(__file__).parent)],
+                  timeout=120)
 
     batches = make_batches(4, seed=7)
     results = [torch.load(out) for out in outs]
