@@ -94,12 +94,6 @@ def _touched(position: torch.Tensor, size: int) -> tuple[torch.Tensor | None, to
     return touched, torch.searchsorted(touched, position)
 
 
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return weight.dtype
-
-
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
     """x Wᵀ + b for an nn.Linear weight (out × in), or x W + b for a Conv1D weight (in × out)."""
     if not transposed:
