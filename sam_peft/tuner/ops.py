@@ -199,7 +199,6 @@ class SparseTermMatmul(torch.autograd.Function):
     def forward(ctx, x, values, structure, transposed, out_features):
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        ctx.autocast = (torch.is_autocast_enabled(device), dtype, device)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         block = structure.dense_block(values, dtype)  # (block rows, block cols)
         if transposed:  # Conv1D: W is in × out; x[:, rows] @ block -> out[:, cols]
