@@ -119,14 +119,15 @@ def _sparse_delta(model, settings, task_type, head, burn_in: int) -> PreparedMet
 
 
 def _unified(model, settings, task_type, head) -> PreparedMethod:
-    """He et al.'s parallel adapter, prefix tuning or MAM (settings: pa_placement, pa_r, pa_scaling, prefix_length)."""
+    """He et al.'s parallel adapter, prefix tuning or MAM (settings: pa_style, pa_placement, pa_r, pa_scaling,
+    prefix_length)."""
     from peft import get_peft_model
 
     from .baselines.adapters import AdapterConfig, MAMConfig, PrefixConfig
 
     common = {"task_type": task_type, "modules_to_save": head}
     if settings.method == "parallel_adapter":
-        config = AdapterConfig(style="parallel", placement=settings.pa_placement, r=settings.pa_r,
+        config = AdapterConfig(style=settings.pa_style, placement=settings.pa_placement, r=settings.pa_r,
                                scaling=settings.pa_scaling, **common)
     elif settings.method == "prefix":
         config = PrefixConfig(num_virtual_tokens=settings.prefix_length, **common)

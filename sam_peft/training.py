@@ -62,6 +62,7 @@ class TrainSettings:
     mixout_p: float = 0.9
     adapter_placement: str = "houlsby"
     adapter_reduction: int = 16
+    pa_style: str = "parallel"  # parallel_adapter: parallel (He et al.'s PA) or sequential
     pa_placement: str = "ffn"  # parallel_adapter: attention, ffn or both
     pa_r: int | None = None  # parallel_adapter / mam bottleneck width (None: hidden size // 2)
     pa_scaling: float | None = None  # parallel_adapter / mam scale s (None: 4)

@@ -261,7 +261,7 @@ def test_unified_profile_and_its_variants(monkeypatch):
 
     profile = PROFILES["unified"]
     assert profile.tasks == ("rte", "mrpc", "cb", "copa", "stsb") and profile.seeds == (0, 1, 2)
-    assert profile.settings == PROFILES["quick"].settings and len(profile.runs()) == 5 * 8 * 3
+    assert profile.settings == PROFILES["quick"].settings and len(profile.runs()) == 5 * 10 * 3
     seen = {}
 
     class Metrics(dict):  # whatever run_training's result holds: {} for anything not set here
@@ -278,6 +278,13 @@ def test_unified_profile_and_its_variants(monkeypatch):
                            profile, None, None, 1, "")
     assert record["method"] == "parallel_adapter_attn" and record["settings"] == profile.settings
     assert seen["parallel_adapter"].pa_placement == "attention" and seen["parallel_adapter"].max_steps == 100
+    for label, method in (("sequential_adapter_r96", "parallel_adapter"), ("sam_mam_budget", "sam")):
+        record = glue._one_run({"task": "rte", "method": label, "seed": 0, "sparsity": None}, profile, None, None, 1,
+                               "")
+        assert record["method"] == label and record["variant_settings"] == glue.VARIANTS[label][1]
+    assert (seen["parallel_adapter"].pa_style, seen["parallel_adapter"].pa_placement, seen["parallel_adapter"].pa_r) \
+        == ("sequential", "both", 96)
+    assert seen["sam"].sparsity == 0.0452 and seen["sam"].lr == profile.lrs["sam"]
 
 
 GLUE = Path(os.environ.get("SAM_PEFT_GLUE_DIR") or Path(__file__).resolve().parents[1].parent / "shared/data/glue")

@@ -84,11 +84,12 @@ def _one_run(run: dict, profile: Profile, model: str | None, data_dir: str | Non
     scratch = tempfile.mkdtemp(prefix="sam-peft-bench-")
     method, overrides = VARIANTS.get(run["method"], (run["method"], {}))  # a label may name a method's variant
     try:
-        settings = TrainSettings(
-            task=run["task"], output=scratch, model=model, data_dir=data_dir, method=method,
-            sparsity=run["sparsity"] or 0.005, seed=run["seed"], lr=run.get("lr") or profile.lrs.get(run["method"]),
-            progress=False, **{**profile.settings, **overrides},
-        )
+        settings = TrainSettings(**{
+            "task": run["task"], "output": scratch, "model": model, "data_dir": data_dir, "method": method,
+            "sparsity": run["sparsity"] or 0.005, "seed": run["seed"],
+            "lr": run.get("lr") or profile.lrs.get(run["method"]), "progress": False,
+            **profile.settings, **overrides,  # a variant may set any setting, the sparsity included
+        })
         metrics = run_training(settings)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -101,7 +102,8 @@ def _one_run(run: dict, profile: Profile, model: str | None, data_dir: str | Non
         "delta_bytes": metrics["delta_bytes"], "lr": settings.lr, "profile": profile.name,
         "method_facts": metrics.get("method_facts", {}), "global_steps": metrics.get("global_steps"),
         "train_metric": metrics.get("train_metrics", {}).get("primary"), "device": _device(),
-        "settings": {k: v for k, v in profile.settings.items()}, "git_commit": _git_commit(), "command": command,
+        "settings": {k: v for k, v in profile.settings.items()}, "variant_settings": overrides,
+        "git_commit": _git_commit(), "command": command,
     }
 
 

@@ -55,11 +55,17 @@ LR_GRID = {m: DENSE_GRID if DEFAULT_LRS[m] == DENSE_LR else EFFICIENT_GRID for m
 VARIANTS = {
     "parallel_adapter_attn": ("parallel_adapter", {"pa_placement": "attention"}),
     "parallel_adapter_ffn": ("parallel_adapter", {"pa_placement": "ffn"}),
+    # the unified profile's equal-budget pair (docs/benchmarks-unified.md): a sequential adapter after both sublayers
+    # with r = 96 has 890,496 added parameters, one r = 192 parallel adapter 888,192; SAM at p = 0.0452 tunes
+    # 1,026,612 entries on MiniLM, MAM adds 1,026,432
+    "sequential_adapter_r96": ("parallel_adapter", {"pa_style": "sequential", "pa_placement": "both", "pa_r": 96}),
+    "sam_mam_budget": ("sam", {"sparsity": 0.0452}),
 }
 # He et al.'s unified view on MiniLM (docs/benchmarks-unified.md): the sequential bottleneck adapter (`adapter`),
 # the scaled parallel adapter (s = 4, r = hidden // 2 = 192) beside attention and beside the FFN, prefix tuning
 # (l = 30), MAM, LoRA, SAM and full fine-tuning, with the quick profile's settings.
-UNIFIED_METHODS = ("adapter", "parallel_adapter_attn", "parallel_adapter_ffn", "prefix", "mam", "lora", "sam", "full")
+UNIFIED_METHODS = ("adapter", "parallel_adapter_attn", "parallel_adapter_ffn", "prefix", "mam", "lora", "sam", "full",
+                   "sequential_adapter_r96", "sam_mam_budget")
 
 PROFILES = {
     "smoke": Profile(

@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
     train.add_argument("--logging-steps", type=int, help="log the training loss every N steps")
     train.add_argument("--reproject-every", type=int,
                        help="diffpruning: keep the relaxed phase and re-project the diff every N steps (Fig. 3)")
+    train.add_argument("--pa-style", default="parallel", choices=["parallel", "sequential"],
+                       help="parallel_adapter: He et al.'s scaled parallel adapter or a sequential one "
+                            "(default parallel)")
     train.add_argument("--pa-placement", default="ffn", choices=["attention", "ffn", "both"],
                        help="parallel_adapter: beside the attention sublayer, the FFN or both (default ffn)")
     train.add_argument("--pa-r", type=int, help="parallel_adapter / mam: bottleneck width (default hidden size // 2)")
@@ -51,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
         max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
         seed=args.seed, patience=args.patience, eval_steps=args.eval_steps, limit=args.limit,
         reproject_every=args.reproject_every, logging_steps=args.logging_steps, progress=not args.no_progress,
-        pa_placement=args.pa_placement, pa_r=args.pa_r, pa_scaling=args.pa_scaling, prefix_length=args.prefix_length,
+        pa_style=args.pa_style, pa_placement=args.pa_placement, pa_r=args.pa_r, pa_scaling=args.pa_scaling,
+        prefix_length=args.prefix_length,
     )
     metrics = run_training(settings)
     print_table([
