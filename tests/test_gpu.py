@@ -105,3 +105,23 @@ def test_trainer_bf16_with_sam_callback(tmp_path):
     assert callback.report is not None and callback.report.selected > 0
     values = [p for n, p in model.named_parameters() if "sparsediff_values" in n and p.numel()]
     assert values and all(p.dtype == torch.float32 for p in values) and any(p.abs().sum() > 0 for p in values)
+
+
+def test_inductor_compiled_bf16_step_matches_eager():
+    import copy
+
+    eager = _peft()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)  # inductor, CUDA kernels
+    ref_loss, ref_grads = _loss_and_grads(eager, autocast=True)
+    compiled_model.zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = compiled(**_batch()).loss
+    loss.backward()
+    loss = loss.detach().float()
+    grads = {n: p.grad for n, p in compiled_model.named_parameters() if p.requires_grad and p.grad is not None}
+    assert abs(float(loss - ref_loss)) / float(ref_loss) < 1e-2
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        rel = float((grad - ref_grads[name]).norm() / ref_grads[name].norm().clamp_min(1e-12))
+        assert rel < 0.05, (name, rel)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,7 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._lock = threading.Lock()
+        self.invalidate_caches()
 
     # ----------------------------------------------------------------- state
     def tuned_parameters(self) -> dict[str, nn.Parameter]:
@@ -99,7 +101,7 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
             indices[name] = torch.arange(count, dtype=index_dtype(param.numel()), device=param.device)
         self.sparsediff_values[adapter_name] = values
         self.sparsediff_indices[adapter_name] = indices
-        self._epoch += 1
+        self.invalidate_caches()
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def set_entries(self, adapter_name: str, name: str, indices: torch.Tensor, values: torch.Tensor | None = None):
@@ -123,13 +125,22 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         return param
 
     def invalidate_caches(self) -> None:
-        """Drop what was derived from the entries or the tensors (structures, θ0 slots, the forward plan)."""
+        """Drop what was derived from the entries or the tensors (structures, θ0 slots, the forward plan) and
+        rebuild the structures, so that a graph compiled later finds them."""
         self._cache.clear()
         self._epoch += 1
+        self._build_structures()
+
+    def _build_structures(self) -> None:
+        """Build what a forward derives from each adapter's indices (layers with a fast path override this)."""
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self._build_structures()  # a new combination of active adapters has its own structures
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self._epoch += 1
+        self.invalidate_caches()
 
     def entries(self, adapter_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{own parameter name: (indices, values)} of one adapter."""
@@ -138,15 +149,35 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
             for name, values in self.sparsediff_values[adapter_name].items()
         }
 
-    def _cached(self, key: tuple, version: tuple, build):
-        """A value derived from the indices, rebuilt when they change; never an inference tensor, so a first
-        forward under `inference_mode` cannot poison later training."""
+    def _cached(self, key: tuple, version: Callable[[], tuple], build: Callable[[], Any]):
+        """A value derived from the indices, rebuilt when `version()` changes; never an inference tensor, so a first
+        forward under `inference_mode` cannot poison later training.
+
+        Under torch.compile the graph reads a built value without checking its version (every change of the
+        entries, tensors or device clears the cache, and the compiler guards on what the graph read); a missing one
+        is built outside the graph, and the next call compiles a graph that finds it.
+        """
         hit = self._cache.get(key)
-        if hit is None or hit[0] != version:
-            with torch.inference_mode(False), torch.no_grad():
-                hit = (version, build())
-            self._cache[key] = hit
+        if torch.compiler.is_compiling():
+            return hit[1] if hit is not None else self._build_outside_graph(key, version, build)
+        if hit is None or hit[0] != version():
+            hit = self._build(key, version, build)
         return hit[1]
+
+    def _build(self, key: tuple, version: Callable[[], tuple], build: Callable[[], Any]) -> tuple:
+        with torch.inference_mode(False), torch.no_grad():
+            hit = (version(), build())
+        self._cache[key] = hit
+        return hit
+
+    @torch.compiler.disable
+    def _build_outside_graph(self, key: tuple, version: Callable[[], tuple], build: Callable[[], Any]):
+        return self._build(key, version, build)[1]
+
+    def _apply(self, fn, recurse: bool = True):
+        result = super()._apply(fn, recurse)
+        self.invalidate_caches()  # structures and θ0 slots belonged to the old device / dtype
+        return result
 
     def _delta(self, adapters: list[str], name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Concatenated (int64 indices, values) of the active adapters for one parameter, or None if empty."""
@@ -158,8 +189,14 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         ]
         if not parts:
             return None
-        version = tuple((idx._version, idx.data_ptr(), idx.numel()) for idx, _ in parts)
-        indices = self._cached(("idx", tuple(adapters), name), version, lambda: torch.cat([i for i, _ in parts]).long())
+        if torch.compiler.is_compiling():  # a graph recomputes the int64 indices (O(k)) rather than caching them
+            indices = torch.cat([i for i, _ in parts]).long()
+        else:
+            indices = self._cached(
+                ("idx", tuple(adapters), name),
+                lambda: tuple((idx._version, idx.data_ptr(), idx.numel()) for idx, _ in parts),
+                lambda: torch.cat([i for i, _ in parts]).long(),
+            )
         values = parts[0][1] if len(parts) == 1 else torch.cat([v for _, v in parts])
         return indices, values
 
@@ -186,6 +223,9 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
 
     def _forward_with_deltas(self, adapters: list[str], *args: Any, **kwargs: Any) -> Any:
         base = self.get_base_layer()
+        if torch.compiler.is_compiling():  # a graph swaps nothing at run time: no lock needed
+            params = {name: self._composed(adapters, name, p) for name, p in self.tuned_parameters().items()}
+            return functional_call(base, params, args, kwargs, strict=False)
         with self._lock:  # functional_call swaps the module's parameters for the call: read and swap as one
             # FSDP (use_orig_params) puts the gathered tensors in the module's __dict__, shadowing _parameters
             shadowed = {n: base.__dict__[n] for n in self.tuned_parameters() if n in base.__dict__}
@@ -273,7 +313,7 @@ def _features(module: nn.Module) -> tuple[int | None, int | None]:
 
 
 def _entries_changed(module: SparseDiffLayer, incompatible_keys: Any) -> None:
-    module._epoch += 1
+    module.invalidate_caches()
 
 
 @dataclass(frozen=True)

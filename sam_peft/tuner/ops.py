@@ -154,18 +154,7 @@ class WrittenDeltaMatmul(torch.autograd.Function):
         with delta_written(slot, written):
             out = matmul(x, weight, bias, transposed)
         ctx.compute_dtype = out.dtype  # the autocast (or weight) dtype: backward computes in it, no autocast needed
-        # Linear: entries sit at (output row, input column); Conv1D (in × out): (input row, output column). Keep
-        # only the input columns the entries need, unless that copy would be half of x or more: then keep x itself
-        # (no copy; often saved by its other consumers anyway) and take the columns in backward.
-        x_side = None
-        if values.requires_grad:
-            x2 = x.reshape(-1, x.shape[-1])
-            taken = structure.rows if transposed else structure.cols
-            if taken is not None and 2 * taken.numel() < x2.shape[1]:
-                x_side = x2.index_select(1, taken).to(out.dtype)
-                ctx.take_in_backward = False
-            else:
-                x_side, ctx.take_in_backward = x2, True
+        x_side, ctx.take_in_backward = _input_side(x, structure, transposed, out.dtype, values.requires_grad)
         ctx.save_for_backward(x_side, written)
         ctx.slot = slot
         ctx.structure, ctx.transposed, ctx.x_shape = structure, transposed, x.shape
@@ -183,12 +172,73 @@ class WrittenDeltaMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_bias = go2.sum(0)
         if ctx.needs_input_grad[3]:
-            if ctx.take_in_backward:
-                x_side = ctx.structure.take_rows(x_side) if ctx.transposed else ctx.structure.take_cols(x_side)
-            x_side = x_side.to(go2.dtype)
-            g_side = ctx.structure.take_cols(go2) if ctx.transposed else ctx.structure.take_rows(go2)
-            row_side, col_side = (x_side, g_side) if ctx.transposed else (g_side, x_side)
-            grad_values = ctx.structure.gather_gradient(row_side, col_side).float()
+            grad_values = _values_gradient(ctx.structure, ctx.transposed, x_side, ctx.take_in_backward, go2)
+        return grad_x, None, grad_bias, grad_values, None, None, None
+
+
+def _input_side(x: torch.Tensor, structure: BlockStructure, transposed: bool, dtype: torch.dtype,
+                needed: bool) -> tuple[torch.Tensor | None, bool]:
+    """What backward keeps of x for the values' gradient, and whether it still has to take the columns.
+
+    Linear: entries sit at (output row, input column); Conv1D (in × out): (input row, output column). Keep only the
+    input columns the entries need, unless that copy would be half of x or more: then keep x itself (no copy; often
+    saved by its other consumers anyway) and take the columns in backward.
+    """
+    if not needed:
+        return None, False
+    x2 = x.reshape(-1, x.shape[-1])
+    taken = structure.rows if transposed else structure.cols
+    if taken is not None and 2 * taken.numel() < x2.shape[1]:
+        return x2.index_select(1, taken).to(dtype), False
+    return x2, True
+
+
+def _values_gradient(structure: BlockStructure, transposed: bool, x_side: torch.Tensor, take: bool,
+                     go2: torch.Tensor) -> torch.Tensor:
+    """The fp32 gradient of the values from the rows × cols block of the weight gradient (go2: tokens × out)."""
+    if take:
+        x_side = structure.take_rows(x_side) if transposed else structure.take_cols(x_side)
+    x_side = x_side.to(go2.dtype)
+    g_side = structure.take_cols(go2) if transposed else structure.take_rows(go2)
+    row_side, col_side = (x_side, g_side) if transposed else (g_side, x_side)
+    return structure.gather_gradient(row_side, col_side).float()
+
+
+def with_entries(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A new tensor equal to `weight` with θ0 + values at the flat indices (added in fp32, rounded once to W's
+    dtype, as `DeltaSlot.entries`); W itself is not touched."""
+    flat = weight.detach().reshape(-1)
+    wide = torch.promote_types(weight.dtype, torch.float32)
+    entries = (flat.index_select(0, indices).to(wide) + values.detach()).to(weight.dtype)
+    return flat.index_put((indices,), entries).view_as(weight)
+
+
+class ComposedDeltaMatmul(torch.autograd.Function):
+    """The traceable twin of `WrittenDeltaMatmul`, used under `torch.compile`: the kernel reads a new tensor
+    W' = W with θ0 + Δ at the indices (one weight-sized temporary, rebuilt in backward rather than saved), so the
+    graph holds no lock and no in-place write; the values' gradient comes from the same sub-block."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, indices, structure, transposed):
+        out = matmul(x, with_entries(weight, indices, values), bias, transposed)
+        ctx.compute_dtype = out.dtype
+        x_side, ctx.take_in_backward = _input_side(x, structure, transposed, out.dtype, ctx.needs_input_grad[3])
+        ctx.save_for_backward(x_side, weight, indices, values)
+        ctx.structure, ctx.transposed, ctx.x_shape = structure, transposed, x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_side, weight, indices, values = ctx.saved_tensors
+        grad_x = grad_bias = grad_values = None
+        go2 = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.compute_dtype)
+        if ctx.needs_input_grad[0]:
+            composed = with_entries(weight, indices, values).to(ctx.compute_dtype)
+            grad_x = (go2 @ (composed.t() if ctx.transposed else composed)).view(ctx.x_shape)
+        if ctx.needs_input_grad[2]:
+            grad_bias = go2.sum(0)
+        if ctx.needs_input_grad[3]:
+            grad_values = _values_gradient(ctx.structure, ctx.transposed, x_side, ctx.take_in_backward, go2)
         return grad_x, None, grad_bias, grad_values, None, None, None
 
 
@@ -317,6 +367,11 @@ def sparse_delta_embedding(
     rows = torch.zeros(structure.n_slots, dim, dtype=out.dtype, device=out.device)
     rows = rows.index_put((structure.entry_slot, structure.entry_col), live.to(out.dtype), accumulate=True)
     return out + rows.index_select(0, structure.row_slot.index_select(0, input_ids.reshape(-1))).view_as(out)
+
+
+def composed_delta_matmul(x, weight, bias, values, indices, structure, transposed) -> torch.Tensor:
+    """Linear map through W with the delta put in as a new tensor; see `ComposedDeltaMatmul` (torch.compile)."""
+    return ComposedDeltaMatmul.apply(x, weight, bias, values, indices, structure, transposed)
 
 
 def written_delta_matmul(x, weight, bias, values, structure, transposed, slot: DeltaSlot) -> torch.Tensor:

@@ -20,6 +20,7 @@ from .ops import (
     DeltaSlot,
     EmbeddingStructure,
     compose,
+    composed_delta_matmul,
     matmul,
     sparse_delta_embedding,
     sparse_term,
@@ -41,8 +42,9 @@ class _WeightDeltaLayer(SparseDiffLayer):
 
     def _slot(self, adapters: list[str], indices: torch.Tensor) -> DeltaSlot:
         weight = self.get_base_layer().weight
-        version = (indices.data_ptr(), indices.numel(), DeltaSlot.weight_key(weight))
-        return self._cached(("slot", tuple(adapters)), version, lambda: DeltaSlot.build(weight, indices, self._lock))
+        return self._cached(("slot", tuple(adapters)),
+                            lambda: (indices.data_ptr(), indices.numel(), DeltaSlot.weight_key(weight)),
+                            lambda: DeltaSlot.build(weight, indices, self._lock))
 
     def _weight_delta(self, adapters: list[str]):
         """(writable, int64 indices, values) of the weight's delta over the active adapters, or None."""
@@ -52,6 +54,19 @@ class _WeightDeltaLayer(SparseDiffLayer):
         if delta is None:
             return None
         return len(adapters) == 1 and _writable(self.get_base_layer().weight), delta[0], delta[1]
+
+    def _structure(self, adapters: list[str], indices: torch.Tensor):
+        raise NotImplementedError
+
+    def _build_structures(self) -> None:
+        combinations = [[adapter] for adapter in self.sparsediff_values]
+        active = self._active_with_entries()
+        if len(active) > 1:
+            combinations.append(active)
+        for adapters in combinations:
+            found = self._weight_delta(adapters)
+            if found is not None and found[1].device.type != "meta":
+                self._structure(adapters, found[1])
 
 
 class SparseDiffLinear(_WeightDeltaLayer):
@@ -69,10 +84,10 @@ class SparseDiffLinear(_WeightDeltaLayer):
         weight = self.get_base_layer().weight
         return weight.shape[1] if self.transposed else weight.shape[0]
 
-    def _block(self, adapters: list[str], indices: torch.Tensor) -> BlockStructure:
+    def _structure(self, adapters: list[str], indices: torch.Tensor) -> BlockStructure:
         shape = tuple(self.get_base_layer().weight.shape)
-        version = (indices.data_ptr(), indices.numel(), shape)
-        return self._cached(("block", tuple(adapters)), version, lambda: BlockStructure.build(indices, shape))
+        return self._cached(("block", tuple(adapters)), lambda: (indices.data_ptr(), indices.numel(), shape),
+                            lambda: BlockStructure.build(indices, shape))
 
     def _plan_key(self) -> tuple:
         active = self._active_adapter
@@ -80,6 +95,8 @@ class SparseDiffLinear(_WeightDeltaLayer):
                 tuple(self.merged_adapters), self._epoch)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return super().forward(x, *args, **kwargs)
         plan = self._plan
         # the training hot path: one active adapter, written delta, nothing changed since the last call
         if plan is not None and plan[0] == self._plan_key() and plan[1].data_ptr() == plan[2] \
@@ -99,7 +116,9 @@ class SparseDiffLinear(_WeightDeltaLayer):
         if found is None:
             return matmul(x, base.weight, bias, self.transposed)
         writable, indices, values = found
-        structure = self._block(adapters, indices)
+        structure = self._structure(adapters, indices)
+        if writable and torch.compiler.is_compiling():  # no lock, no in-place write in a graph
+            return composed_delta_matmul(x, base.weight, bias, values, indices, structure, self.transposed)
         if writable:
             slot = self._slot(adapters, indices)
             if bias_delta is None or len(adapters) == 1:
@@ -127,6 +146,12 @@ class SparseDiffEmbedding(_WeightDeltaLayer):
     def embedding_dim(self) -> int:
         return self.get_base_layer().embedding_dim
 
+    def _structure(self, adapters: list[str], indices: torch.Tensor) -> EmbeddingStructure:
+        base = self.get_base_layer()
+        shape = tuple(base.weight.shape)
+        return self._cached(("rows", tuple(adapters)), lambda: (indices.data_ptr(), indices.numel(), shape),
+                            lambda: EmbeddingStructure.build(indices, shape, base.padding_idx))
+
     def _forward_with_deltas(self, adapters: list[str], input_ids: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
         options = dict(padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
@@ -135,10 +160,8 @@ class SparseDiffEmbedding(_WeightDeltaLayer):
         if found is None:
             return torch.nn.functional.embedding(input_ids, base.weight, **options)
         writable, indices, values = found
-        shape = tuple(base.weight.shape)
-        structure = self._cached(("rows", tuple(adapters)), (indices.data_ptr(), indices.numel(), shape),
-                                 lambda: EmbeddingStructure.build(indices, shape, base.padding_idx))
-        if writable:
+        structure = self._structure(adapters, indices)
+        if writable and not torch.compiler.is_compiling():  # a graph adds the delta's rows as a separate term
             return written_delta_embedding(input_ids, base.weight, values, structure, self._slot(adapters, indices),
                                            **options)
         return sparse_delta_embedding(input_ids, base.weight, values, structure, **options)
