@@ -278,7 +278,7 @@ def test_unified_profile_and_its_variants(monkeypatch):
                            profile, None, None, 1, "")
     assert record["method"] == "parallel_adapter_attn" and record["settings"] == profile.settings
     assert seen["parallel_adapter"].pa_placement == "attention" and seen["parallel_adapter"].max_steps == 100
-    for label, method in (("sequential_adapter_r96", "parallel_adapter"), ("sam_mam_budget", "sam")):
+    for label in ("sequential_adapter_r96", "sam_mam_budget"):
         record = glue._one_run({"task": "rte", "method": label, "seed": 0, "sparsity": None}, profile, None, None, 1,
                                "")
         assert record["method"] == label and record["variant_settings"] == glue.VARIANTS[label][1]
@@ -311,3 +311,29 @@ def test_train_and_eval_through_the_cli_on_minilm(method, tmp_path):
     evaluated = json.loads(results.read_text())[0]
     assert evaluated["task"] == "rte"
     assert evaluated["primary"] == pytest.approx(metrics["metric"], abs=1e-6)  # the same model, reloaded
+
+
+def _record(task: str, method: str, seed: int, metric: float) -> dict:
+    return {"task": task, "method": method, "seed": seed, "sparsity": None, "metric": metric, "profile": "unified",
+            "status": "done",
+            "settings": {"max_steps": 100}, "lr": 1e-3, "device": "cpu", "command": "sam-peft bench glue"}
+
+
+def test_paired_comparisons_in_the_report(tmp_path, capsys):
+    from sam_peft.bench.glue import append_record
+    from sam_peft.bench.report import paired_table
+    from sam_peft.cli import main
+
+    records = [_record(task, method, seed, 60.0 + seed + (1.0 if method == "mam" else 0.0) * (1 + (task == "cb")))
+               for task in ("rte", "cb") for seed in (0, 1, 2) for method in ("mam", "full")]
+    table = paired_table(records, [("mam", "full"), ("mam", "not_run")])
+    rows = [line for line in table.splitlines() if line.startswith("| mam vs")]
+    assert len(rows) == 1 and rows[0].startswith("| mam vs full | 6 | +1.50 | 6 / 0 / 0 |")
+    path = tmp_path / "unified.jsonl"
+    for record in records:
+        append_record(path, record)
+    out = tmp_path / "report.md"
+    assert main(["bench", "report", str(path), "--output", str(out), "--pairs", "mam:full"]) == 0
+    assert "## Paired comparisons" in out.read_text() and "| mam vs full | 6 |" in out.read_text()
+    with pytest.raises(SystemExit, match="METHOD_A:METHOD_B"):
+        main(["bench", "report", str(path), "--output", str(out), "--pairs", "mam"])

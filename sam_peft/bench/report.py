@@ -71,17 +71,26 @@ def table1(records: list[dict]) -> tuple[str, dict]:
 
 def table5(records: list[dict], reference: str = "sam") -> str:
     """Paired t-tests of the reference method against each method over matched (task, seed) runs."""
-    cells = {(r["method"], r["task"], r["seed"]): r["metric"] for r in records if r.get("sparsity") in (None, 0.005)}
-    methods = sorted({m for m, _, _ in cells} - {reference})
-    lines = [f"| {reference} vs | pairs | mean difference | t | p |", "|---|---|---|---|---|"]
-    for method in methods:
-        pairs = [(cells[(reference, t, s)], cells[(method, t, s)]) for (m, t, s) in cells
-                 if m == method and (reference, t, s) in cells]
-        if len(pairs) < 2:
+    methods = sorted({r["method"] for r in records} - {reference})
+    return paired_table(records, [(reference, method) for method in methods], header=f"{reference} vs")
+
+
+def paired_table(records: list[dict], pairs: list[tuple[str, str]], header: str = "a vs b") -> str:
+    """Paired t-tests of method a against method b over their matched (task, seed) runs, one row per pair (a pair
+    with fewer than two matched runs is left out), with how often a beat, tied or lost to b."""
+    cells = {(r["method"], r["task"], r["seed"]): r["metric"] for r in records}
+    lines = [f"| {header} | pairs | mean difference | wins / ties / losses | t | p |", "|---|---|---|---|---|---|"]
+    for a_method, b_method in pairs:
+        matched = [(cells[(a_method, t, s)], cells[(b_method, t, s)]) for (m, t, s) in cells
+                   if m == a_method and (b_method, t, s) in cells]
+        if len(matched) < 2:
             continue
-        a, b = np.array(pairs).T
-        t, p = stats.ttest_rel(a, b)
-        lines.append(f"| {method} | {len(pairs)} | {np.mean(a - b):+.2f} | {t:.2f} | {p:.3g} |")
+        a, b = np.array(matched).T
+        diff = a - b
+        t, p = stats.ttest_rel(a, b) if np.any(diff != diff[0]) else (float("nan"), float("nan"))
+        record = f"{int((diff > 0).sum())} / {int((diff == 0).sum())} / {int((diff < 0).sum())}"
+        name = f"{a_method} vs {b_method}" if header == "a vs b" else b_method
+        lines.append(f"| {name} | {len(matched)} | {np.mean(diff):+.2f} | {record} | {t:.2f} | {p:.3g} |")
     return "\n".join(lines)
 
 
@@ -189,8 +198,9 @@ def _report_group(record: dict) -> str:
     return "perturb" if (record.get("settings") or {}).get("drop_fraction") else "main"
 
 
-def write_report(results: list[str], output: str) -> Path:
-    """Write the markdown report (and PNG plots beside it) for one or more results files."""
+def write_report(results: list[str], output: str, pairs: list[tuple[str, str]] = ()) -> Path:
+    """Write the markdown report (and PNG plots beside it) for one or more results files; `pairs` adds paired
+    t-tests of chosen methods (a, b) over the main runs."""
     # one record per (profile, task, method, seed, sparsity, lr): the last one written wins
     unique = {(r.get("profile"), r["task"], r["method"], r["seed"], r.get("sparsity"), r.get("lr")): r
               for path in results for r in read_records(Path(path))}
@@ -219,6 +229,8 @@ def write_report(results: list[str], output: str) -> Path:
                   "\n## Table 5: paired t-tests of SAM against each method\n", table5(main),
                   f"\n## Stability vs performance\n\nSpearman ρ between stability rank and performance rank: "
                   f"{correlation}.\n"]
+        if pairs:
+            parts += ["\n## Paired comparisons (a − b over matched task and seed runs)\n", paired_table(main, pairs)]
         if summary:
             plot = out.with_name(out.stem + "-methods.png")
             _plot_methods(summary, plot)

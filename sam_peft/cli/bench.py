@@ -29,6 +29,8 @@ def add_parser(sub) -> None:
     report = bench.add_parser("report", help="tables and plots from results files")
     report.add_argument("results", nargs="+", help="results .jsonl files")
     report.add_argument("--output", default="docs/benchmarks-report.md")
+    report.add_argument("--pairs", nargs="+", default=[], metavar="A:B",
+                        help="also test method A against method B (paired over task and seed), e.g. mam:full")
     report.set_defaults(func=run_report)
     projection = bench.add_parser("projection", help="Fig. 3 curve from a diffpruning run with --reproject-every")
     projection.add_argument("run", help="output directory of the run")
@@ -50,7 +52,13 @@ def run_glue(args: argparse.Namespace) -> int:
 def run_report(args: argparse.Namespace) -> int:
     from ..bench.report import write_report
 
-    print(f"report written to {write_report(args.results, args.output)}")
+    pairs = []
+    for pair in args.pairs:
+        a, sep, b = pair.partition(":")
+        if not sep or not a or not b:
+            raise SystemExit(f"--pairs {pair!r}: write each pair as METHOD_A:METHOD_B, e.g. mam:full")
+        pairs.append((a, b))
+    print(f"report written to {write_report(args.results, args.output, pairs)}")
     return 0
 
 
