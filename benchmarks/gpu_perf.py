@@ -26,6 +26,9 @@ from pathlib import Path
 import torch
 
 METHODS = ("full", "lora", "supertuning", "sam")
+# opt-in (--methods): the same method's training steps under torch.compile (inductor); the compile happens in the
+# first warm-up step and is reported as compile_seconds
+COMPILED = ("lora_compiled", "sam_compiled")
 SPARSITY = 0.005
 SHAPES = {
     "tinyllama": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
@@ -139,8 +142,10 @@ def _profile(model, batches, device: str, optimizer, autocast: bool, path: str) 
 
 def worker(method: str, shape: str, device: str, warmup: int, steps: int, profile_dir: str | None) -> dict:
     """One method's measurements, in this process."""
-    autocast = method != "sam_before"
+    compiled = method in COMPILED
     result = {"method": method, "shape": shape}
+    method = method.removesuffix("_compiled")
+    autocast = method != "sam_before"
     batches = _batches(shape, device, 4)
     if method == "full":
         model = _model(shape, torch.float32, device)  # fp32 master weights, bf16 autocast
@@ -166,6 +171,13 @@ def worker(method: str, shape: str, device: str, warmup: int, steps: int, profil
     fused = device == "cuda"
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=fused)
     model.train()
+    if compiled:
+        model = torch.compile(model)
+        begin = time.perf_counter()
+        _train_steps(model, batches, device, 1, 0, optimizer, autocast)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        result["compile_seconds"] = time.perf_counter() - begin
     _peak_reset(device)
     result["step_seconds"] = _train_steps(model, batches, device, warmup, steps, optimizer, autocast)
     result["peak_bytes"] = _peak(device)
