@@ -52,6 +52,27 @@ def test_a_fresh_layer_traces_without_graph_breaks(kind):
     assert explanation.graph_count == 1
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding", "layernorm"])
+def test_a_compiled_layer_matches_eager(kind):
+    eager, x = _wrapped(kind)
+    compiled_model = copy.deepcopy(eager)
+    x_grad = x.clone().requires_grad_() if x.is_floating_point() else x
+    outputs = []
+    for model, run, inputs in ((eager, eager, x), (compiled_model, torch.compile(compiled_model, backend="aot_eager",
+                                                                               fullgraph=True), x_grad)):
+        out = run(inputs)
+        out.square().sum().backward()
+        outputs.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-5, atol=1e-6)
+    assert outputs[0][1].keys() == outputs[1][1].keys()
+    for name, grad in outputs[0][1].items():
+        torch.testing.assert_close(outputs[1][1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    if x.is_floating_point():  # the input gradient flows through the composed weight too
+        y = x.clone().requires_grad_()
+        eager(y).square().sum().backward()
+        torch.testing.assert_close(x_grad.grad, y.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_two_active_adapters_trace_without_graph_breaks():
     model, x = _wrapped("linear")
     model.add_adapter("other", sam_peft.SAMConfig(sparsity=0.1, selection="random", seed=1, target_modules=["layer"]))
