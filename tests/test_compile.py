@@ -153,3 +153,31 @@ def test_compiled_model_follows_disable_and_merge():
         torch.testing.assert_close(compiled(input_ids=ids).logits, tuned, rtol=1e-5, atol=1e-5)
         compiled_model.unmerge_adapter()
         torch.testing.assert_close(compiled(input_ids=ids).logits, tuned, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(48, 40, bias=False), nn.Embedding(60, 48)], ids=["linear", "embedding"])
+def test_global_allocation_selection_leaves_no_graph_break(layer):
+    torch.manual_seed(0)
+    model = get_peft_model(_One(layer), sam_peft.SAMConfig(sparsity=0.1, selection="random", allocation="global",
+                                                           seed=0, target_modules=["layer"]))
+    x = torch.randint(0, 60, (3, 5)) if isinstance(layer, nn.Embedding) else torch.randn(3, 5, 48)
+    explanation = torch._dynamo.explain(model.base_model.model.layer)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_meta_build_then_to_empty_then_load(tmp_path):
+    source, _ = _wrapped("linear")
+    source.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        model = get_peft_model(_One(nn.Linear(48, 40)), sam_peft.SAMConfig(sparsity=0.1, target_modules=["layer"]))
+    model.to_empty(device="cpu")  # indices hold whatever the memory held: nothing may index with them
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    with torch.no_grad():
+        model.base_model.model.layer.base_layer.weight.copy_(source.base_model.model.layer.base_layer.weight)
+        model.base_model.model.layer.base_layer.bias.copy_(source.base_model.model.layer.base_layer.bias)
+    set_peft_model_state_dict(model, load_file(tmp_path / "adapter_model.safetensors"))
+    x = torch.randn(3, 5, 48)
+    compiled = torch.compile(model.base_model.model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), source.base_model.model(x), rtol=1e-5, atol=1e-6)

@@ -337,3 +337,13 @@ def test_paired_comparisons_in_the_report(tmp_path, capsys):
     assert "## Paired comparisons" in out.read_text() and "| mam vs full | 6 |" in out.read_text()
     with pytest.raises(SystemExit, match="METHOD_A:METHOD_B"):
         main(["bench", "report", str(path), "--output", str(out), "--pairs", "mam"])
+
+
+def test_paired_comparisons_stay_within_a_profile():
+    from sam_peft.bench.report import paired_table
+
+    records = [_record("rte", method, seed, metric) for seed in (0, 1)
+               for method, metric in (("mam", 60.0 + seed), ("full", 50.0))]
+    records += [{**_record("rte", "full", seed, 90.0), "profile": "quick"} for seed in (0, 1)]
+    row = next(line for line in paired_table(records, [("mam", "full")]).splitlines() if line.startswith("| mam"))
+    assert row.startswith("| mam vs full | 2 | +10.50 |")  # against unified's full (50), not quick's (90)

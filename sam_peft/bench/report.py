@@ -76,13 +76,13 @@ def table5(records: list[dict], reference: str = "sam") -> str:
 
 
 def paired_table(records: list[dict], pairs: list[tuple[str, str]], header: str = "a vs b") -> str:
-    """Paired t-tests of method a against method b over their matched (task, seed) runs, one row per pair (a pair
-    with fewer than two matched runs is left out), with how often a beat, tied or lost to b."""
-    cells = {(r["method"], r["task"], r["seed"]): r["metric"] for r in records}
+    """Paired t-tests of method a against method b over their matched (profile, task, seed) runs, one row per pair
+    (a pair with fewer than two matched runs is left out), with how often a beat, tied or lost to b."""
+    cells = {(r.get("profile"), r["method"], r["task"], r["seed"]): r["metric"] for r in records}
     lines = [f"| {header} | pairs | mean difference | wins / ties / losses | t | p |", "|---|---|---|---|---|---|"]
     for a_method, b_method in pairs:
-        matched = [(cells[(a_method, t, s)], cells[(b_method, t, s)]) for (m, t, s) in cells
-                   if m == a_method and (b_method, t, s) in cells]
+        matched = [(cells[(p, a_method, t, s)], cells[(p, b_method, t, s)]) for (p, m, t, s) in cells
+                   if m == a_method and (p, b_method, t, s) in cells]
         if len(matched) < 2:
             continue
         a, b = np.array(matched).T

@@ -110,11 +110,12 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         The values parameter keeps its identity (its `.data` is replaced), so an optimizer that already holds
         it trains the new entries.
         """
-        param = self.set_indices(adapter_name, name, indices)
+        param = self.tuned_parameters()[name]
         value_param = self.sparsediff_values[adapter_name][name]
         new = torch.zeros(indices.numel(), dtype=VALUES_DTYPE, device=param.device) if values is None else values
         value_param.data = new.detach().to(device=param.device, dtype=VALUES_DTYPE).clone()
         value_param.grad = None
+        self.set_indices(adapter_name, name, indices)  # last: it rebuilds the structures from indices and values
 
     def set_indices(self, adapter_name: str, name: str, indices: torch.Tensor) -> nn.Parameter:
         """Install sorted flat `indices` for parameter `name` (its values are set by the caller); returns the base
@@ -132,11 +133,12 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         self._build_structures()
 
     def _build_structures(self) -> None:
-        """Build what a forward derives from each adapter's indices (layers with a fast path override this)."""
+        """Build what a forward of the active adapters derives from their indices (layers with a fast path
+        override this)."""
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_names, inference_mode=inference_mode)
-        self._build_structures()  # a new combination of active adapters has its own structures
+        self._build_structures()  # another active adapter (or combination) has its own structures
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

@@ -59,14 +59,15 @@ class _WeightDeltaLayer(SparseDiffLayer):
         raise NotImplementedError
 
     def _build_structures(self) -> None:
-        combinations = [[adapter] for adapter in self.sparsediff_values]
         active = self._active_with_entries()
-        if len(active) > 1:
-            combinations.append(active)
-        for adapters in combinations:
-            found = self._weight_delta(adapters)
-            if found is not None and found[1].device.type != "meta":
-                self._structure(adapters, found[1])
+        found = self._weight_delta(active) if active else None
+        if found is None or found[1].device.type == "meta":
+            return
+        indices = found[1]
+        # indices not loaded yet (e.g. `to_empty` before loading) may be anything: build from valid ones only
+        # (loading rebuilds), so an out-of-range index never reaches a kernel
+        if bool((indices.min() >= 0) & (indices.max() < self.get_base_layer().weight.numel())):
+            self._structure(active, indices)
 
 
 class SparseDiffLinear(_WeightDeltaLayer):
