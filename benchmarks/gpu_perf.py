@@ -1,4 +1,5 @@
-"""GPU performance: full fine-tuning, peft LoRA, peft Supertuning and SAM on a TinyLlama-1.1B-shaped decoder.
+"""GPU performance: full fine-tuning, peft LoRA, peft Supertuning, SAM and a no-weight-gradient floor on a
+TinyLlama-1.1B-shaped decoder.
 
     python benchmarks/perf.py --device cuda --json benchmarks/results/perf-gpu-$(date +%F).json \
         --markdown docs/benchmarks-gpu.md [--profile-dir DIR] [--before DIR]
@@ -8,9 +9,12 @@ FFN 5632, vocab 32000), batch 4 × 1024, bf16 autocast, fused AdamW. Full fine-t
 LoRA (r=16, every linear layer), Supertuning (the same density as SAM on every linear layer) and SAM (p = 0.005)
 keep the base in bf16 and their trainable tensors in fp32. Each method runs in its own process; step times are
 CUDA-event medians over the timed steps after the warm-up steps; peaks are `torch.cuda.max_memory_allocated`
-after `reset_peak_memory_stats`. The SAM process also times its burn-in steps (and their peak) before training,
-the full process its steps without the optimizer. `--before DIR` adds a `sam_before` row from an older sam-peft
-package in DIR (bf16 base, no autocast: that version's backward failed under autocast).
+after `reset_peak_memory_stats`. `frozen` is the floor: the bf16 model with every weight frozen and the gradient
+carried down from the loss to the embeddings' output, i.e. the forward and the input gradients that any method
+training weights in every layer has to run (LoRA and SAM included): no such method's step goes below the floor's.
+The SAM process also times its burn-in steps (and their peak) before training, the full process its steps without
+the optimizer. `--before DIR` adds a `sam_before` row from an older sam-peft package in DIR (bf16 base, no
+autocast: that version's backward failed under autocast).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("full", "lora", "supertuning", "sam")
+METHODS = ("full", "lora", "supertuning", "sam", "frozen")
 # opt-in (--methods): the same method's training steps under torch.compile (inductor); the compile happens in the
 # first warm-up step and is reported as compile_seconds
 COMPILED = ("lora_compiled", "sam_compiled")
@@ -154,6 +158,9 @@ def worker(method: str, shape: str, device: str, warmup: int, steps: int, profil
         result["noopt_step_seconds"] = _train_steps(model, batches, device, warmup, steps, None, autocast)
         result["noopt_peak_bytes"] = _peak(device)
         params = [p for p in model.parameters() if p.requires_grad]
+    elif method == "frozen":
+        model = _frozen(_model(shape, torch.bfloat16, device))
+        params = []
     else:
         model = _model(shape, torch.bfloat16, device)
         model = _wrap(model, method)
@@ -169,7 +176,7 @@ def worker(method: str, shape: str, device: str, warmup: int, steps: int, profil
         if method in ("sam", "sam_before"):
             result["selected"] = int(sum(i.numel() for i in sam_peft.selected_indices(model).values()))
     fused = device == "cuda"
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=fused)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=fused) if params else None
     model.train()
     if compiled:
         model = torch.compile(model)
@@ -188,6 +195,14 @@ def worker(method: str, shape: str, device: str, warmup: int, steps: int, profil
     if profile_dir:
         _profile(model, batches, device, optimizer, autocast, os.path.join(profile_dir, f"profile-{method}.txt"))
     return result
+
+
+def _frozen(model):
+    """The floor: every weight frozen, the embeddings' output made to require grad (so backward runs the input
+    gradient of every layer, and no weight gradient)."""
+    model.requires_grad_(False)
+    model.get_input_embeddings().register_forward_hook(lambda module, inputs, out: out.requires_grad_())
+    return model
 
 
 def _block_shares(model) -> dict:
@@ -274,6 +289,10 @@ def ratios(results: dict) -> dict:
         "burnin_step_over_full_noopt": ratio(get("sam", "burn_in_step_median"),
                                              statistics.median(full_noopt) if full_noopt else None),
         "sam_step_over_supertuning": ratio(get("sam", "step_median"), get("supertuning", "step_median")),
+        "floor_step_over_full": ratio(get("frozen", "step_median"), get("full", "step_median")),
+        "floor_step_over_lora": ratio(get("frozen", "step_median"), get("lora", "step_median")),
+        "floor_peak_over_lora": ratio(get("frozen", "peak_bytes"), get("lora", "peak_bytes")),
+        "sam_step_over_floor": ratio(get("sam", "step_median"), get("frozen", "step_median")),
         "sam_step_after_over_before": ratio(get("sam", "step_median"), get("sam_before", "step_median")),
     }
 
@@ -308,7 +327,8 @@ def render(report: dict, source: str) -> str:
         value = report["ratios"].get(key)
         targets.append(f"| {label} | {'–' if value is None else f'{value:.2f}'} | ≤ {target} | "
                        f"{'–' if value is None else ('yes' if value <= target else 'no')} |")
-    for key in ("sam_step_over_supertuning", "sam_step_after_over_before"):
+    for key in ("sam_step_over_supertuning", "sam_step_after_over_before", "floor_step_over_full",
+                "floor_step_over_lora", "floor_peak_over_lora", "sam_step_over_floor"):
         value = report["ratios"].get(key)
         if value is not None:
             targets.append(f"| {key.replace('_', ' ')} | {value:.2f} | | |")
@@ -318,6 +338,11 @@ def render(report: dict, source: str) -> str:
         notes = [f"SAM's entries touch {100 * blocks['rows']:.0f} % of the Linear weights' rows and "
                  f"{100 * blocks['cols']:.0f} % of their columns (parameter-weighted); the rows × columns block the "
                  f"values' gradient is computed on is {100 * blocks['block']:.0f} % of the weights.", ""]
+    floor_full, floor_lora = report["ratios"].get("floor_step_over_full"), report["ratios"].get("floor_step_over_lora")
+    if floor_full is not None and floor_lora is not None:
+        notes += [f"The floor (`frozen`: forward and input gradients only, no weight gradient) is {floor_full:.2f} × "
+                  f"full fine-tuning's step and {floor_lora:.2f} × LoRA's: no method that trains weights in every "
+                  "layer can go below it.", ""]
     return "\n".join([
         f"# GPU performance ({report['device']}, {report['date']})", "",
         f"Generated by `python benchmarks/perf.py --device cuda` from `{source}`; torch {report['torch']}; shape "

@@ -263,8 +263,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--profile-dir", help="write torch.profiler tables of each method here")
     parser.add_argument("--before", help="directory holding an older sam_peft package: adds a sam_before row")
-    parser.add_argument("--methods", nargs="+", help="decoder protocol: only these of full, lora, supertuning, sam "
-                        "(and the opt-in lora_compiled, sam_compiled)")
+    parser.add_argument("--methods", nargs="+", help="decoder protocol: only these of full, lora, supertuning, "
+                        "sam, frozen (the floor) and the opt-in lora_compiled, sam_compiled")
     parser.add_argument("--profile-methods", nargs="+", help="profile only these methods (default: all)")
     args = parser.parse_args()
     if args.device == "cuda" or args.decoder:

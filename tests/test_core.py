@@ -34,6 +34,7 @@ from sam_peft.tuner.ops import (
     BlockStructure,
     DeltaSlot,
     EmbeddingStructure,
+    delta_written,
     matmul,
     sparse_delta_embedding,
     sparse_term,
@@ -703,6 +704,47 @@ def test_sparse_delta_embedding_matches_dense_with_padding(written):
     assert torch.all(values.grad[rows == pad] == 0), "padding-row entries must get no gradient"
     assert torch.all(values.grad[rows == 9] == 0), "rows absent from the batch get no gradient"
     assert torch.all(values.grad[(rows == 7) | (rows == 0)] != 0)
+
+
+def test_delta_written_follows_the_weight_and_restores_on_error():
+    """The slot writes θ0 + Δ only inside the kernel: θ0 comes back after an exception, and a weight changed in
+    place (or given new storage) after the slot was built is read again, not overwritten with the old θ0."""
+    weight = torch.arange(12, dtype=torch.float32).view(3, 4)
+    indices = torch.tensor([1, 6, 11])
+    slot = DeltaSlot.build(weight, indices, threading.Lock())
+    written = slot.entries(torch.tensor([0.5, 0.5, 0.5]))
+    with pytest.raises(RuntimeError, match="inside"):
+        with delta_written(slot, written):
+            assert weight.view(-1)[indices].tolist() == [1.5, 6.5, 11.5]
+            raise RuntimeError("inside the kernel")
+    assert torch.equal(weight, torch.arange(12, dtype=torch.float32).view(3, 4))
+    assert slot.lock.acquire(blocking=False), "the lock is released after the error"
+    slot.lock.release()
+    with torch.no_grad():
+        weight.mul_(2)  # in place: the version moves
+    with delta_written(slot, written):
+        pass
+    assert torch.equal(weight, 2 * torch.arange(12, dtype=torch.float32).view(3, 4))
+    weight.data = torch.full((3, 4), 7.0)  # new storage
+    with delta_written(slot, written):
+        assert weight.view(-1)[indices].tolist() == [1.5, 6.5, 11.5]
+    assert torch.equal(weight, torch.full((3, 4), 7.0))
+
+
+def test_moving_a_layer_drops_its_plan_and_slots():
+    """The forward plan and θ0 slots hold a view of the weight's storage: moving or casting the model drops them,
+    so the old storage is not kept alive and the next step reads the new one."""
+    pm, _ = make_peft(CASES[5])  # llama-random
+    ids = torch.randint(3, VOCAB, (BATCH, SEQ))
+    pm(input_ids=ids).logits.sum().backward()
+    layers = [m for m in pm.modules() if getattr(m, "_plan", None) is not None]
+    assert layers, "training forwards cache a plan"
+    pm.double()
+    for layer in layers:
+        assert layer._plan is None
+        assert not any(isinstance(v, DeltaSlot) for _, v in layer._cache.values())
+    out = pm(input_ids=ids).logits
+    assert out.dtype == torch.float64
 
 
 def test_embedding_padding_row_entries_in_model():

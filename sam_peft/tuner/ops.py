@@ -16,8 +16,6 @@ stay fp32. Nothing is cached outside the call, so a forward under `inference_mod
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -104,11 +102,12 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tra
 
 @dataclass(frozen=True)
 class DeltaSlot:
-    """Where a delta is written into a weight: the weight, its int64 flat indices, θ0 at them (in W's dtype and in
-    fp32), the layer's lock, and the weight's storage and version when θ0 was read (a later change of either makes
-    the layer read θ0 again)."""
+    """Where a delta is written into a weight: the weight, a flat view of its data, its int64 flat indices, θ0 at
+    them (in W's dtype and in fp32), the layer's lock, and the weight's storage and version when θ0 was read (a later
+    change of either makes the layer read θ0, and the flat view, again)."""
 
     weight: torch.Tensor
+    flat: torch.Tensor
     indices: torch.Tensor
     theta0: torch.Tensor
     theta0_wide: torch.Tensor
@@ -121,28 +120,46 @@ class DeltaSlot:
 
     @staticmethod
     def build(weight: torch.Tensor, indices: torch.Tensor, lock) -> DeltaSlot:
-        theta0 = weight.data.view(-1).index_select(0, indices)
+        flat = weight.data.view(-1)
+        theta0 = flat.index_select(0, indices)
         wide = theta0.to(torch.promote_types(theta0.dtype, torch.float32))
-        return DeltaSlot(weight, indices, theta0, wide, lock, DeltaSlot.weight_key(weight))
+        return DeltaSlot(weight, flat, indices, theta0, wide, lock, DeltaSlot.weight_key(weight))
 
     def entries(self, values: torch.Tensor) -> torch.Tensor:
         """θ0 + values at the indices, added in fp32 (or wider) and rounded once to W's dtype (one kernel)."""
         return torch.add(self.theta0_wide, values.detach(), out=torch.empty_like(self.theta0))
 
 
-@contextmanager
-def delta_written(slot: DeltaSlot, written: torch.Tensor) -> Iterator[None]:
-    """W holds `written` (θ0 + Δ) at the slot's indices inside the block and θ0 again after it: O(k) each way,
-    bit-exact. Writes go through `.data`, so autograd's version counter of W does not move; the lock keeps two
-    threads that share the module from seeing each other's writes."""
-    flat = slot.weight.data.view(-1)
-    with slot.lock, torch.no_grad():
-        theta0 = slot.theta0 if DeltaSlot.weight_key(slot.weight) == slot.key else flat.index_select(0, slot.indices)
-        flat.index_copy_(0, slot.indices, written)
+class delta_written:  # noqa: N801  (used as a context manager, like a function)
+    """`with delta_written(slot, written):` W holds `written` (θ0 + Δ) at the slot's indices inside the block and θ0
+    again after it: O(k) each way, bit-exact. Writes go through a view of `.data` (no autograd history, and W's
+    version counter does not move); the lock keeps two threads that share the module from seeing each other's
+    writes. A plain class rather than a generator: it runs several hundred times per training step."""
+
+    __slots__ = ("slot", "written", "flat", "theta0")
+
+    def __init__(self, slot: DeltaSlot, written: torch.Tensor):
+        self.slot, self.written = slot, written
+
+    def __enter__(self) -> None:
+        slot = self.slot
+        slot.lock.acquire()
         try:
-            yield
+            if DeltaSlot.weight_key(slot.weight) == slot.key:
+                self.flat, self.theta0 = slot.flat, slot.theta0
+            else:  # W was replaced or changed in place since the slot was built: its current values are θ0
+                self.flat = slot.weight.data.view(-1)
+                self.theta0 = self.flat.index_select(0, slot.indices)
+            self.flat.index_copy_(0, slot.indices, self.written)
+        except BaseException:
+            slot.lock.release()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.flat.index_copy_(0, self.slot.indices, self.theta0)
         finally:
-            flat.index_copy_(0, slot.indices, theta0)
+            self.slot.lock.release()
 
 
 class WrittenDeltaMatmul(torch.autograd.Function):

@@ -40,6 +40,10 @@ class _WeightDeltaLayer(SparseDiffLayer):
 
     _plan: tuple | None = None  # what the last call ran with, reused while nothing it depends on changed
 
+    def invalidate_caches(self) -> None:
+        self._plan = None  # it holds a slot, and the slot a view of the weight's (possibly old) storage
+        super().invalidate_caches()
+
     def _slot(self, adapters: list[str], indices: torch.Tensor) -> DeltaSlot:
         weight = self.get_base_layer().weight
         return self._cached(("slot", tuple(adapters)),
