@@ -33,6 +33,10 @@ METHODS = ("full", "lora", "supertuning", "sam", "frozen")
 # opt-in (--methods): the same method's training steps under torch.compile (inductor); the compile happens in the
 # first warm-up step and is reported as compile_seconds
 COMPILED = ("lora_compiled", "sam_compiled")
+# opt-in (--methods sam_restrict50, ...): SAM with a side of each values-gradient block restricted to its touched
+# rows/columns only below that percentage touched (the library's threshold is `ops._RESTRICT_BELOW`), set in that
+# method's own worker process: an A/B of the gathers against the larger matmul on the device at hand
+RESTRICT = "sam_restrict"
 SPARSITY = 0.005
 SHAPES = {
     "tinyllama": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
@@ -148,6 +152,12 @@ def worker(method: str, shape: str, device: str, warmup: int, steps: int, profil
     """One method's measurements, in this process."""
     compiled = method in COMPILED
     result = {"method": method, "shape": shape}
+    name = method
+    if method.startswith(RESTRICT):
+        from sam_peft.tuner import ops
+
+        ops._RESTRICT_BELOW = result["restrict_below"] = int(method.removeprefix(RESTRICT)) / 100
+        method = "sam"
     method = method.removesuffix("_compiled")
     autocast = method != "sam_before"
     batches = _batches(shape, device, 4)
@@ -193,7 +203,7 @@ def worker(method: str, shape: str, device: str, warmup: int, steps: int, profil
     if method == "sam":
         result["blocks"] = _block_shares(model)
     if profile_dir:
-        _profile(model, batches, device, optimizer, autocast, os.path.join(profile_dir, f"profile-{method}.txt"))
+        _profile(model, batches, device, optimizer, autocast, os.path.join(profile_dir, f"profile-{name}.txt"))
     return result
 
 
@@ -327,6 +337,9 @@ def render(report: dict, source: str) -> str:
         value = report["ratios"].get(key)
         targets.append(f"| {label} | {'–' if value is None else f'{value:.2f}'} | ≤ {target} | "
                        f"{'–' if value is None else ('yes' if value <= target else 'no')} |")
+    for method, r in report["results"].items():
+        if method.startswith(RESTRICT) and "step_median" in r and "step_median" in sam:
+            targets.append(f"| {method} step / sam step | {r['step_median'] / sam['step_median']:.2f} | | |")
     for key in ("sam_step_over_supertuning", "sam_step_after_over_before", "floor_step_over_full",
                 "floor_step_over_lora", "floor_peak_over_lora", "sam_step_over_floor"):
         value = report["ratios"].get(key)
