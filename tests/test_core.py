@@ -747,6 +747,59 @@ def test_moving_a_layer_drops_its_plan_and_slots():
     assert out.dtype == torch.float64
 
 
+class _OneLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 12)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _one_linear_sam():
+    torch.manual_seed(0)
+    config = sam_peft.SparseDiffConfig(sparsity=0.1, selection="random", target_modules=["proj"])
+    model = get_peft_model(_OneLinear(), config)
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        for values in layer.sparsediff_values["default"].values():
+            values.uniform_(-1, 1)
+    return model, layer
+
+
+def _dense_reference(layer, x):
+    base = layer.get_base_layer()
+    weight = base.weight + layer.get_delta_weight("default", "weight")
+    bias = base.bias + layer.get_delta_weight("default", "bias") if "bias" in layer.sparsediff_values["default"] \
+        else base.bias
+    return F.linear(x, weight, bias)
+
+
+def test_plan_follows_a_weight_changed_or_replaced_after_the_first_step():
+    """The cached forward plan is used only while the layer's weight is the same tensor, in the same storage and
+    version as when θ0 was read: a weight scaled in place, or a new Parameter, is what the next forward reads."""
+    model, layer = _one_linear_sam()
+    x = torch.randn(5, 16)
+    model(x).sum().backward()  # builds the plan
+    with torch.no_grad():
+        layer.get_base_layer().weight.mul_(2)
+    torch.testing.assert_close(model(x), _dense_reference(layer, x))
+    layer.get_base_layer().weight = torch.nn.Parameter(torch.randn(12, 16), requires_grad=False)
+    torch.testing.assert_close(model(x), _dense_reference(layer, x))
+    layer.get_base_layer().weight.data = torch.randn(12, 16)
+    torch.testing.assert_close(model(x), _dense_reference(layer, x))
+
+
+def test_second_order_gradients_refuse_loudly():
+    """θ0 + Δ is in W only while a kernel runs, so a graph of the backward could not keep it: double backward
+    through a written-in layer raises rather than differentiating through θ0."""
+    model, _ = _one_linear_sam()
+    x = torch.randn(5, 16, requires_grad=True)
+    (grad,) = torch.autograd.grad(model(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.pow(2).sum().backward()
+
+
 def test_embedding_padding_row_entries_in_model():
     """BERT word embeddings (padding_idx=0) with entries forced into the padding row."""
     pm, base = make_peft(BERT)

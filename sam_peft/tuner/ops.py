@@ -16,10 +16,12 @@ stay fp32. Nothing is cached outside the call, so a forward under `inference_mod
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 # Restrict a side of the weight gradient to the touched rows/columns only when it saves at least this much.
 _RESTRICT_BELOW = 0.9
@@ -29,6 +31,18 @@ _ALIGN = 16
 def compose(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """A new tensor equal to `weight` with `values` added at the flat `indices` (differentiable in values)."""
     return weight.reshape(-1).index_add(0, indices, values.to(weight.dtype)).view_as(weight)
+
+
+def _first_order_only(backward):
+    """`once_differentiable` (a graph of this backward would differentiate through θ0, since W holds θ0 + Δ only
+    while a kernel runs), without its cost on the usual path: grad mode is off in a backward unless create_graph."""
+    guarded = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        return guarded(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
+
+    return run
 
 
 @dataclass(frozen=True)
@@ -100,14 +114,13 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tra
     return out if bias is None else out + bias
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DeltaSlot:
-    """Where a delta is written into a weight: the weight, a flat view of its data, its int64 flat indices, θ0 at
-    them (in W's dtype and in fp32), the layer's lock, and the weight's storage and version when θ0 was read (a later
-    change of either makes the layer read θ0, and the flat view, again)."""
+    """Where a delta is written into a weight: the weight, its int64 flat indices, θ0 at them (in W's dtype and in
+    fp32), the layer's lock, and the weight's storage and version when θ0 was read (a later change of either makes
+    the layer read θ0 again). It holds no view of W's storage, so a replaced weight's memory is not kept alive."""
 
     weight: torch.Tensor
-    flat: torch.Tensor
     indices: torch.Tensor
     theta0: torch.Tensor
     theta0_wide: torch.Tensor
@@ -120,10 +133,9 @@ class DeltaSlot:
 
     @staticmethod
     def build(weight: torch.Tensor, indices: torch.Tensor, lock) -> DeltaSlot:
-        flat = weight.data.view(-1)
-        theta0 = flat.index_select(0, indices)
+        theta0 = weight.data.view(-1).index_select(0, indices)
         wide = theta0.to(torch.promote_types(theta0.dtype, torch.float32))
-        return DeltaSlot(weight, flat, indices, theta0, wide, lock, DeltaSlot.weight_key(weight))
+        return DeltaSlot(weight, indices, theta0, wide, lock, DeltaSlot.weight_key(weight))
 
     def entries(self, values: torch.Tensor) -> torch.Tensor:
         """θ0 + values at the indices, added in fp32 (or wider) and rounded once to W's dtype (one kernel)."""
@@ -133,7 +145,8 @@ class DeltaSlot:
 class delta_written:  # noqa: N801  (used as a context manager, like a function)
     """`with delta_written(slot, written):` W holds `written` (θ0 + Δ) at the slot's indices inside the block and θ0
     again after it: O(k) each way, bit-exact. Writes go through a view of `.data` (no autograd history, and W's
-    version counter does not move); the lock keeps two threads that share the module from seeing each other's
+    version counter does not move), so nothing that autograd records may keep W for later: the Functions' backward
+    passes are `once_differentiable`. The lock keeps two threads that share the module from seeing each other's
     writes. A plain class rather than a generator: it runs several hundred times per training step."""
 
     __slots__ = ("slot", "written", "flat", "theta0")
@@ -145,10 +158,10 @@ class delta_written:  # noqa: N801  (used as a context manager, like a function)
         slot = self.slot
         slot.lock.acquire()
         try:
+            self.flat = slot.weight.data.view(-1)
             if DeltaSlot.weight_key(slot.weight) == slot.key:
-                self.flat, self.theta0 = slot.flat, slot.theta0
+                self.theta0 = slot.theta0
             else:  # W was replaced or changed in place since the slot was built: its current values are θ0
-                self.flat = slot.weight.data.view(-1)
                 self.theta0 = self.flat.index_select(0, slot.indices)
             self.flat.index_copy_(0, slot.indices, self.written)
         except BaseException:
@@ -178,6 +191,7 @@ class WrittenDeltaMatmul(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad_out):
         x_side, written = ctx.saved_tensors
         grad_x = grad_bias = grad_values = None
@@ -245,6 +259,7 @@ class ComposedDeltaMatmul(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad_out):
         x_side, weight, indices, values = ctx.saved_tensors
         grad_x = grad_bias = grad_values = None
@@ -285,6 +300,7 @@ class SparseTermMatmul(torch.autograd.Function):
         return out.view(*x.shape[:-1], out_features)
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad_out):
         x_side, block = ctx.saved_tensors
         structure = ctx.structure
@@ -353,6 +369,7 @@ class WrittenDeltaEmbedding(torch.autograd.Function):
             return F.embedding(input_ids, weight, **options)
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad_out):
         (input_ids,) = ctx.saved_tensors
         s = ctx.structure

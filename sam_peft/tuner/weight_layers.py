@@ -103,13 +103,15 @@ class SparseDiffLinear(_WeightDeltaLayer):
         if torch.compiler.is_compiling():
             return super().forward(x, *args, **kwargs)
         plan = self._plan
-        # the training hot path: one active adapter, written delta, nothing changed since the last call
-        if plan is not None and plan[0] == self._plan_key() and plan[1].data_ptr() == plan[2] \
-                and plan[3].data_ptr() == plan[4]:
-            _, values, _, weight, _, bias, bias_delta, structure, slot = plan
-            if bias_delta is not None:
-                bias = compose(bias, bias_delta[0], bias_delta[1])
-            return written_delta_matmul(x, weight, bias, values, structure, self.transposed, slot)
+        # the training hot path: one active adapter, written delta, nothing changed since the last call (the same
+        # values and base tensors, and W's storage and version as when θ0 was read)
+        if plan is not None and plan[0] == self._plan_key() and plan[1].data_ptr() == plan[2]:
+            _, values, _, weight, bias, bias_delta, structure, slot = plan
+            base = self.get_base_layer()
+            if weight is base.weight and bias is base.bias and DeltaSlot.weight_key(weight) == slot.key:
+                if bias_delta is not None:
+                    bias = compose(bias, bias_delta[0], bias_delta[1])
+                return written_delta_matmul(x, weight, bias, values, structure, self.transposed, slot)
         self._plan = None
         return super().forward(x, *args, **kwargs)
 
@@ -127,8 +129,8 @@ class SparseDiffLinear(_WeightDeltaLayer):
         if writable:
             slot = self._slot(adapters, indices)
             if bias_delta is None or len(adapters) == 1:
-                self._plan = (self._plan_key(), values, values.data_ptr(), base.weight, base.weight.data_ptr(),
-                              base.bias, bias_delta, structure, slot)
+                self._plan = (self._plan_key(), values, values.data_ptr(), base.weight, base.bias, bias_delta,
+                              structure, slot)
             return written_delta_matmul(x, base.weight, bias, values, structure, self.transposed, slot)
         out = matmul(x, base.weight, bias, self.transposed) if bias is not base.bias else base(x, *args, **kwargs)
         return out + sparse_term(x, values, structure, self.transposed, self.out_features).to(out.dtype)
