@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
-  timeout 60 python3 -m pytest -q -p no:cacheprovider -W ignore::FutureWarning tests/test_gpu.py 2>&1 | tail -25
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -W ignore::FutureWarning tests/test_gpu.py 2>&1 | tail -25
   timeout 60 python3 benchmarks/host_overhead.py --device cuda --rounds 100
   python3 benchmarks/perf.py --device cuda --json "$OUT/perf-gpu.json" --markdown "$OUT/benchmarks-gpu.md" \
     --profile-dir "$OUT" ${PERF_ARGS:-}
