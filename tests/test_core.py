@@ -800,6 +800,87 @@ def test_second_order_gradients_refuse_loudly():
         grad.pow(2).sum().backward()
 
 
+def test_slot_reads_theta0_under_the_lock():
+    """A slot rebuilt (after `invalidate_caches`, `.to`, a new adapter) while another thread has the delta written
+    into W must not take θ0 + Δ for θ0: it waits for the lock, and W ends bit-exact at θ0."""
+    model, layer = _one_linear_sam()
+    weight = layer.get_base_layer().weight
+    theta0 = weight.detach().clone()
+    x = torch.randn(5, 16)
+    expected = _dense_reference(layer, x)
+    layer.invalidate_caches()
+    outputs = []
+    with layer._lock:  # as if another thread's kernel had its delta written in
+        weight.data.add_(1.0)
+        worker = threading.Thread(target=lambda: outputs.append(model(x).detach()))
+        worker.start()
+        worker.join(timeout=0.3)
+        weight.data.copy_(theta0)
+    worker.join()
+    assert torch.equal(weight, theta0)
+    torch.testing.assert_close(outputs[0], expected)
+
+
+def test_functional_call_swapped_values_after_a_forward():
+    """Values swapped in by `torch.func.functional_call` are what the call uses, also after the layer cached its
+    plan, and they get the gradient."""
+    model, layer = _one_linear_sam()
+    x = torch.randn(5, 16)
+    model(x)  # caches the plan
+    name = next(n for n, _ in model.named_parameters() if "sparsediff_values" in n and n.endswith("weight"))
+    swapped = torch.randn_like(dict(model.named_parameters())[name]).requires_grad_(True)
+    out = torch.func.functional_call(model, {name: swapped}, (x,))
+    fresh, fresh_layer = _one_linear_sam()
+    torch.testing.assert_close(out, torch.func.functional_call(fresh, {name: swapped}, (x,)))
+    assert not torch.allclose(out, model(x))
+    (grad,) = torch.autograd.grad(out.sum(), swapped)
+    assert grad.abs().sum() > 0
+
+
+def test_bf16_merge_equals_the_weights_the_forward_reads():
+    """Merging into a bf16 base adds in fp32 and rounds once, as the forward does: the merged model is the
+    trained one, bit for bit."""
+    model, layer = _one_linear_sam()
+    model = model.to(torch.bfloat16)
+    for values in layer.sparsediff_values["default"].values():
+        values.data = (values.data.float() * 0.1).float()
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = model(x)
+        model.merge_adapter()
+        merged = model(x)
+    assert torch.equal(before, merged)
+
+
+def test_non_contiguous_and_inference_weights_take_the_separate_term():
+    """A transposed-view weight or an inference tensor cannot be written in place: the layer runs the delta as a
+    separate term, and merge/unmerge still restore the base exactly."""
+    torch.manual_seed(0)
+    module = _OneLinear()
+    module.proj.weight = torch.nn.Parameter(torch.randn(16, 12).t())
+    config = sam_peft.SparseDiffConfig(sparsity=0.1, selection="random", target_modules=["proj"])
+    model = get_peft_model(module, config)
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.sparsediff_values["default"]["weight"].uniform_(-1, 1)
+    theta0 = layer.get_base_layer().weight.detach().clone()
+    x = torch.randn(5, 16)
+    expected = _dense_reference(layer, x)
+    torch.testing.assert_close(model(x), expected)
+    with torch.no_grad():
+        model.merge_adapter()
+        torch.testing.assert_close(model(x), expected)
+        model.unmerge_adapter()
+    assert torch.equal(layer.get_base_layer().weight, theta0)
+    with torch.inference_mode():
+        base = _OneLinear()
+    config = sam_peft.SparseDiffConfig(sparsity=0.1, selection="random", target_modules=["proj"])
+    model = get_peft_model(base, config)
+    with torch.inference_mode():
+        out = model(torch.randn(5, 16))
+    assert out.shape == (5, 12)
+
+
 def test_embedding_padding_row_entries_in_model():
     """BERT word embeddings (padding_idx=0) with entries forced into the padding row."""
     pm, base = make_peft(BERT)

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import BaseModelMismatchError, DeltaFileError
 from ..selection.targets import resolve_adapter, targets, tuner_of
+from ..tuner.ops import add_rounded_once
 from .identity import ALLOW_MISMATCH_ENV, FORMAT_VERSION, identity_metadata, weights_fingerprint
 from .io import load_safetensors_checked, save_safetensors_atomic
 from .packing import flat_view
@@ -123,7 +124,7 @@ class SparseDelta:
         key = (flat.data_ptr(), tuple(offsets))
         if self._plan is None or self._plan[0] != key:
             indices = torch.cat([self.entries[n][0].to(flat.device) + off for n, off in zip(names, offsets)])
-            values = torch.cat([self.entries[n][1] for n in names]).to(flat.device, flat.dtype)
+            values = torch.cat([self.entries[n][1] for n in names]).to(flat.device)
             self._plan = (key, indices, values)
         return flat, self._plan[1], self._plan[2]
 
@@ -146,13 +147,13 @@ class SparseDelta:
             if plan is not None:
                 flat, indices, values = plan
                 backup[_FLAT] = flat.index_select(0, indices)
-                flat.index_copy_(0, indices, backup[_FLAT] + values)
+                flat.index_copy_(0, indices, add_rounded_once(backup[_FLAT], values))
                 self._touch(params)
             for name, (indices, values) in ([] if plan is not None else self.entries.items()):
                 flat = params[name].data.view(-1)
                 idx = indices.to(flat.device)
                 backup[name] = flat.index_select(0, idx)
-                flat.index_copy_(0, idx, backup[name] + values.to(flat.device, flat.dtype))
+                flat.index_copy_(0, idx, add_rounded_once(backup[name], values))
             for name, tensor in self.dense.items():
                 backup[name] = params[name].data.clone()
                 params[name].data.copy_(tensor.to(params[name].device, params[name].dtype))

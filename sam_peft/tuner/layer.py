@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from ..selection.budget import default_count
 from ..storage.validation import index_dtype
-from .ops import compose
+from .ops import add_rounded_once, compose, tensor_version
 
 VALUES_DTYPE = torch.float32
 
@@ -196,7 +196,7 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         else:
             indices = self._cached(
                 ("idx", tuple(adapters), name),
-                lambda: tuple((idx._version, idx.data_ptr(), idx.numel()) for idx, _ in parts),
+                lambda: tuple((tensor_version(idx), idx.data_ptr(), idx.numel()) for idx, _ in parts),
                 lambda: torch.cat([i for i, _ in parts]).long(),
             )
         values = parts[0][1] if len(parts) == 1 else torch.cat([v for _, v in parts])
@@ -257,7 +257,7 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
                 continue
             for name, (indices, values) in self.entries(adapter).items():
                 flat = base_params[name].data.reshape(-1)
-                merged = flat.index_select(0, indices.long()) + values.detach().to(flat.dtype)
+                merged = add_rounded_once(flat.index_select(0, indices.long()), values)
                 if not torch.isfinite(merged).all():
                     raise ValueError(
                         f"Merging adapter '{adapter}' into {self.module_key}.{name} gives non-finite values "
@@ -279,10 +279,9 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
             backup = {}
             with torch.no_grad():
                 for name, (indices, values) in self.entries(adapter).items():
-                    flat = base_params[name].data.view(-1)
                     idx = indices.long()
-                    backup[name] = flat.index_select(0, idx)
-                    flat.index_copy_(0, idx, backup[name] + values.detach().to(flat.dtype))
+                    backup[name] = base_params[name].data.reshape(-1).index_select(0, idx)
+                    _write_entries(base_params[name], idx, add_rounded_once(backup[name], values))
                     torch.autograd.graph.increment_version(base_params[name])  # cached θ0 is stale now
             self._merge_backup[adapter] = backup
             self.merged_adapters.append(adapter)
@@ -299,8 +298,18 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
             with torch.no_grad():
                 for name, saved in backup.items():
                     indices = self.sparsediff_indices[adapter][name].long()
-                    base_params[name].data.view(-1).index_copy_(0, indices, saved)
+                    _write_entries(base_params[name], indices, saved)
                     torch.autograd.graph.increment_version(base_params[name])
+
+
+def _write_entries(param: torch.Tensor, indices: torch.Tensor, entries: torch.Tensor) -> None:
+    """param's flat (row-major) `indices` ← `entries`, in place; a non-contiguous param (e.g. a transposed view) is
+    written through a contiguous copy."""
+    data = param.data
+    if data.is_contiguous():
+        data.view(-1).index_copy_(0, indices, entries)
+    else:
+        data.copy_(data.contiguous().view(-1).index_copy_(0, indices, entries).view_as(data))
 
 
 _FEATURE_ATTRIBUTES = (("in_features", "out_features"), ("in_channels", "out_channels"),

@@ -33,6 +33,11 @@ def compose(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -
     return weight.reshape(-1).index_add(0, indices, values.to(weight.dtype)).view_as(weight)
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """Autograd's version counter of `t` (0 for an inference tensor, which has none)."""
+    return 0 if t.is_inference() else t._version
+
+
 def _first_order_only(backward):
     """`once_differentiable` (a graph of this backward would differentiate through θ0, since W holds θ0 + Δ only
     while a kernel runs), without its cost on the usual path: grad mode is off in a backward unless create_graph."""
@@ -129,7 +134,7 @@ class DeltaSlot:
 
     @staticmethod
     def weight_key(weight: torch.Tensor) -> tuple:
-        return (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        return (weight.data_ptr(), tensor_version(weight), weight.dtype, weight.device)
 
     @staticmethod
     def build(weight: torch.Tensor, indices: torch.Tensor, lock) -> DeltaSlot:
@@ -235,13 +240,18 @@ def _values_gradient(structure: BlockStructure, transposed: bool, x_side: torch.
     return structure.gather_gradient(row_side, col_side).float()
 
 
+def add_rounded_once(theta0: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """θ0 + values added in fp32 (or wider) and rounded once to θ0's dtype: what every kernel reads (`DeltaSlot
+    .entries`), so merging, applying a `SparseDelta` and the compiled path give the same weights bit for bit."""
+    wide = torch.promote_types(theta0.dtype, torch.float32)
+    return (theta0.to(wide) + values.detach().to(theta0.device, wide)).to(theta0.dtype)
+
+
 def with_entries(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """A new tensor equal to `weight` with θ0 + values at the flat indices (added in fp32, rounded once to W's
-    dtype, as `DeltaSlot.entries`); W itself is not touched."""
+    """A new tensor equal to `weight` with θ0 + values at the flat indices (`add_rounded_once`); W itself is not
+    touched."""
     flat = weight.detach().reshape(-1)
-    wide = torch.promote_types(weight.dtype, torch.float32)
-    entries = (flat.index_select(0, indices).to(wide) + values.detach()).to(weight.dtype)
-    return flat.index_put((indices,), entries).view_as(weight)
+    return flat.index_put((indices,), add_rounded_once(flat.index_select(0, indices), values)).view_as(weight)
 
 
 class ComposedDeltaMatmul(torch.autograd.Function):

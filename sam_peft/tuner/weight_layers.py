@@ -30,9 +30,11 @@ from .ops import (
 
 
 def _writable(weight: torch.Tensor) -> bool:
-    """A plain float tensor on a real device (not a quantized, sharded or meta parameter)."""
+    """A plain, contiguous float tensor on a real device (not a quantized, sharded or meta parameter, a transposed
+    view, or an inference tensor, which cannot be written outside `inference_mode`)."""
     return type(weight) in (nn.Parameter, torch.Tensor) and weight.dtype.is_floating_point \
-        and weight.device.type != "meta"
+        and weight.device.type != "meta" and weight.is_contiguous() \
+        and (torch.compiler.is_compiling() or not weight.is_inference())  # a graph composes, never writes
 
 
 class _WeightDeltaLayer(SparseDiffLayer):
@@ -41,14 +43,19 @@ class _WeightDeltaLayer(SparseDiffLayer):
     _plan: tuple | None = None  # what the last call ran with, reused while nothing it depends on changed
 
     def invalidate_caches(self) -> None:
-        self._plan = None  # it holds a slot, and the slot a view of the weight's (possibly old) storage
+        self._plan = None  # it holds a slot and the tensors it was built for
         super().invalidate_caches()
 
     def _slot(self, adapters: list[str], indices: torch.Tensor) -> DeltaSlot:
         weight = self.get_base_layer().weight
         return self._cached(("slot", tuple(adapters)),
                             lambda: (indices.data_ptr(), indices.numel(), DeltaSlot.weight_key(weight)),
-                            lambda: DeltaSlot.build(weight, indices, self._lock))
+                            lambda: self._locked_slot(weight, indices))
+
+    def _locked_slot(self, weight: torch.Tensor, indices: torch.Tensor) -> DeltaSlot:
+        # θ0 is read under the lock: another thread may have the delta written into W at this moment
+        with self._lock:
+            return DeltaSlot.build(weight, indices, self._lock)
 
     def _weight_delta(self, adapters: list[str]):
         """(writable, int64 indices, values) of the weight's delta over the active adapters, or None."""
@@ -106,9 +113,11 @@ class SparseDiffLinear(_WeightDeltaLayer):
         # the training hot path: one active adapter, written delta, nothing changed since the last call (the same
         # values and base tensors, and W's storage and version as when θ0 was read)
         if plan is not None and plan[0] == self._plan_key() and plan[1].data_ptr() == plan[2]:
-            _, values, _, weight, bias, bias_delta, structure, slot = plan
+            _, values, _, weight, bias, bias_delta, structure, slot, own = plan
             base = self.get_base_layer()
-            if weight is base.weight and bias is base.bias and DeltaSlot.weight_key(weight) == slot.key:
+            # the adapter's own tensors are still the module's (`torch.func.functional_call` swaps them for a call)
+            if weight is base.weight and bias is base.bias and DeltaSlot.weight_key(weight) == slot.key \
+                    and own[0]["weight"] is values and own[1]["weight"] is own[2]:
                 if bias_delta is not None:
                     bias = compose(bias, bias_delta[0], bias_delta[1])
                 return written_delta_matmul(x, weight, bias, values, structure, self.transposed, slot)
@@ -128,9 +137,11 @@ class SparseDiffLinear(_WeightDeltaLayer):
             return composed_delta_matmul(x, base.weight, bias, values, indices, structure, self.transposed)
         if writable:
             slot = self._slot(adapters, indices)
-            if bias_delta is None or len(adapters) == 1:
+            # no plan for tensors swapped in for one call (functional_call) or wrapped by torch.func transforms
+            if type(values) is nn.Parameter and (bias_delta is None or len(adapters) == 1):
+                own = (self.sparsediff_values[adapters[0]], self.sparsediff_indices[adapters[0]])
                 self._plan = (self._plan_key(), values, values.data_ptr(), base.weight, base.bias, bias_delta,
-                              structure, slot)
+                              structure, slot, (*own, own[1]["weight"]))
             return written_delta_matmul(x, base.weight, bias, values, structure, self.transposed, slot)
         out = matmul(x, base.weight, bias, self.transposed) if bias is not base.bias else base(x, *args, **kwargs)
         return out + sparse_term(x, values, structure, self.transposed, self.out_features).to(out.dtype)
