@@ -872,6 +872,14 @@ def test_non_contiguous_and_inference_weights_take_the_separate_term():
         torch.testing.assert_close(model(x), expected)
         model.unmerge_adapter()
     assert torch.equal(layer.get_base_layer().weight, theta0)
+    plain = _OneLinear()  # the same base, its weight a transposed view too
+    plain.proj.weight = torch.nn.Parameter(theta0.t().contiguous().t())
+    plain.proj.bias = torch.nn.Parameter(layer.get_base_layer().bias.detach().clone())
+    delta = sam_peft.SparseDelta.from_peft(model)
+    delta.apply_to(plain)
+    torch.testing.assert_close(plain(x), expected)
+    delta.remove_from(plain)
+    assert torch.equal(plain.proj.weight, theta0) and not plain.proj.weight.is_contiguous()
     with torch.inference_mode():
         base = _OneLinear()
     config = sam_peft.SparseDiffConfig(sparsity=0.1, selection="random", target_modules=["proj"])

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import BaseModelMismatchError, DeltaFileError
 from ..selection.targets import resolve_adapter, targets, tuner_of
-from ..tuner.ops import add_rounded_once
+from ..tuner.ops import add_rounded_once, write_entries
 from .identity import ALLOW_MISMATCH_ENV, FORMAT_VERSION, identity_metadata, weights_fingerprint
 from .io import load_safetensors_checked, save_safetensors_atomic
 from .packing import flat_view
@@ -150,10 +150,10 @@ class SparseDelta:
                 flat.index_copy_(0, indices, add_rounded_once(backup[_FLAT], values))
                 self._touch(params)
             for name, (indices, values) in ([] if plan is not None else self.entries.items()):
-                flat = params[name].data.view(-1)
-                idx = indices.to(flat.device)
-                backup[name] = flat.index_select(0, idx)
-                flat.index_copy_(0, idx, add_rounded_once(backup[name], values))
+                param = params[name]
+                idx = indices.to(param.device)
+                backup[name] = param.data.reshape(-1).index_select(0, idx)
+                write_entries(param, idx, add_rounded_once(backup[name], values))
             for name, tensor in self.dense.items():
                 backup[name] = params[name].data.clone()
                 params[name].data.copy_(tensor.to(params[name].device, params[name].dtype))
@@ -173,7 +173,7 @@ class SparseDelta:
                 flat.index_copy_(0, indices, backup[_FLAT])
                 self._touch(params)
             for name, (indices, _) in ([] if _FLAT in backup else self.entries.items()):
-                params[name].data.view(-1).index_copy_(0, indices.to(params[name].device), backup[name])
+                write_entries(params[name], indices.to(params[name].device), backup[name])
             for name in self.dense:
                 params[name].data.copy_(backup[name])
         if verified is not None:  # restored bit-exactly: the state verified before apply_to, at new versions

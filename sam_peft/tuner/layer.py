@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from ..selection.budget import default_count
 from ..storage.validation import index_dtype
-from .ops import add_rounded_once, compose, tensor_version
+from .ops import add_rounded_once, compose, tensor_version, write_entries
 
 VALUES_DTYPE = torch.float32
 
@@ -281,7 +281,7 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
                 for name, (indices, values) in self.entries(adapter).items():
                     idx = indices.long()
                     backup[name] = base_params[name].data.reshape(-1).index_select(0, idx)
-                    _write_entries(base_params[name], idx, add_rounded_once(backup[name], values))
+                    write_entries(base_params[name], idx, add_rounded_once(backup[name], values))
                     torch.autograd.graph.increment_version(base_params[name])  # cached θ0 is stale now
             self._merge_backup[adapter] = backup
             self.merged_adapters.append(adapter)
@@ -298,18 +298,8 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
             with torch.no_grad():
                 for name, saved in backup.items():
                     indices = self.sparsediff_indices[adapter][name].long()
-                    _write_entries(base_params[name], indices, saved)
+                    write_entries(base_params[name], indices, saved)
                     torch.autograd.graph.increment_version(base_params[name])
-
-
-def _write_entries(param: torch.Tensor, indices: torch.Tensor, entries: torch.Tensor) -> None:
-    """param's flat (row-major) `indices` ← `entries`, in place; a non-contiguous param (e.g. a transposed view) is
-    written through a contiguous copy."""
-    data = param.data
-    if data.is_contiguous():
-        data.view(-1).index_copy_(0, indices, entries)
-    else:
-        data.copy_(data.contiguous().view(-1).index_copy_(0, indices, entries).view_as(data))
 
 
 _FEATURE_ATTRIBUTES = (("in_features", "out_features"), ("in_channels", "out_channels"),

@@ -247,6 +247,16 @@ def add_rounded_once(theta0: torch.Tensor, values: torch.Tensor) -> torch.Tensor
     return (theta0.to(wide) + values.detach().to(theta0.device, wide)).to(theta0.dtype)
 
 
+def write_entries(param: torch.Tensor, indices: torch.Tensor, entries: torch.Tensor) -> None:
+    """param's flat (row-major) `indices` ← `entries`, in place; a non-contiguous param (e.g. a transposed view) is
+    written through a contiguous copy."""
+    data = param.data
+    if data.is_contiguous():
+        data.view(-1).index_copy_(0, indices, entries)
+    else:
+        data.copy_(data.contiguous().view(-1).index_copy_(0, indices, entries).view_as(data))
+
+
 def with_entries(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """A new tensor equal to `weight` with θ0 + values at the flat indices (`add_rounded_once`); W itself is not
     touched."""
