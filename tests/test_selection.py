@@ -523,3 +523,46 @@ def test_trainer_global_allocation_trains_selected_values(base, tmp_path):
     assert nonzero > 0  # the optimizer trained the entries installed after it was built
     merged = copy.deepcopy(model).merge_and_unload()
     assert _check_only_selected_changed(merged, base, sam_peft.selected_indices(model)) == nonzero
+
+
+def test_burn_in_ignores_and_keeps_the_callers_gradients():
+    """Gradients already on the base weights are neither scored nor lost: the selection equals a clean run's and
+    the caller's `.grad` tensors are back afterwards."""
+    clean = conftest.sam_model()
+    sam_peft.select_parameters(clean, conftest.make_batches(2), progress=False)
+    base = conftest.make_bert()
+    stale = [(p, torch.full_like(p, 5.0)) for p in base.parameters()]
+    for p, grad in stale:
+        p.grad = grad.clone()
+    dirty = conftest.sam_model(base)
+    sam_peft.select_parameters(dirty, conftest.make_batches(2), progress=False)
+    chosen, expected = sam_peft.selected_indices(dirty), sam_peft.selected_indices(clean)
+    assert all(torch.equal(chosen[n], expected[n]) for n in expected)
+    assert all(p.grad is not None and torch.equal(p.grad, grad) for p, grad in stale)
+
+
+def test_a_failed_selection_leaves_the_configured_signal():
+    model = conftest.sam_model()
+    unlabeled = [{k: v for k, v in b.items() if k != "labels"} for b in conftest.make_batches(1)]
+    with pytest.raises(sam_peft.SelectionError):
+        sam_peft.select_parameters(model, unlabeled, selection="fisher", progress=False)
+    assert model.peft_config["default"].selection == "sam"
+
+
+def test_delta_of_an_unselected_adapter_is_refused():
+    with pytest.raises(sam_peft.NotSelectedError, match="select_parameters"):
+        sam_peft.SparseDelta.from_peft(conftest.sam_model())
+
+
+def test_fingerprint_cache_sees_a_base_loaded_by_assignment():
+    """The cached fingerprint is keyed by each weight's storage as well as its version: weights of another
+    checkpoint assigned in place of the verified ones are refused."""
+    model = conftest.sam_model()
+    sam_peft.select_parameters(model, conftest.make_batches(2), progress=False)
+    delta = sam_peft.SparseDelta.from_peft(model)
+    plain = conftest.make_bert()
+    delta.apply_to(plain)
+    delta.remove_from(plain)
+    plain.load_state_dict(conftest.make_bert(seed=7).state_dict(), assign=True)
+    with pytest.raises(sam_peft.BaseModelMismatchError):
+        delta.apply_to(plain)

@@ -95,10 +95,21 @@ def select_parameters(
     tuner = tuner_of(model)
     adapter_name = resolve_adapter(tuner, adapter_name)
     config = tuner.peft_config[adapter_name]
-    if selection is not None:
-        if selection not in SELECTIONS:
-            raise ConfigError(f"selection={selection!r} is unknown; choose one of {list(SELECTIONS)}.")
-        config.selection = selection
+    if selection is not None and selection not in SELECTIONS:
+        raise ConfigError(f"selection={selection!r} is unknown; choose one of {list(SELECTIONS)}.")
+    previous = config.selection
+    config.selection = selection or previous
+    try:
+        return _select(model, tuner, adapter_name, config, dataloader, num_steps, per_example=per_example,
+                       hutchinson_samples=hutchinson_samples, dropout=dropout, progress=progress,
+                       statistics_dtype=statistics_dtype, max_grad_norm=max_grad_norm)
+    except BaseException:
+        config.selection = previous  # the override is recorded only with the entries it chose
+        raise
+
+
+def _select(model, tuner, adapter_name: str, config, dataloader, num_steps, *, per_example: bool,
+            hutchinson_samples: int, dropout: bool, progress: bool, statistics_dtype, max_grad_norm) -> SelectionReport:
     if any(getattr(m, "merged", False) for m in tuner.model.modules() if hasattr(m, "sparsediff_values")):
         raise SelectionError("an adapter is merged into the base weights; unmerge_adapter() before selecting.")
     if config.inference_mode:
@@ -204,18 +215,20 @@ def _burn_in_mode(peft_model: nn.Module, tuner, found: list[Target], dropout: bo
     layers = {id(t.layer): t.layer for t in found}.values()
     disabled = [(layer, layer._disable_adapters) for layer in layers]
     was_training = peft_model.training
+    grads = [(t.param, t.param.grad) for t in found]  # the caller's: kept out of the statistics, given back after
     try:
         for p, _ in flags:
             p.requires_grad_(False)
         for t in found:
+            t.param.grad = None
             t.param.requires_grad_(True)
         for layer in layers:
             layer._disable_adapters = True
         peft_model.train(dropout)
         yield
     finally:
-        for t in found:
-            t.param.grad = None
+        for param, grad in grads:
+            param.grad = grad
         for p, flag in flags:
             p.requires_grad_(flag)
         for layer, flag in disabled:

@@ -13,7 +13,7 @@ import torch
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from ..errors import BaseModelMismatchError, DeltaFileError
+from ..errors import BaseModelMismatchError, DeltaFileError, NotSelectedError
 from ..selection.targets import resolve_adapter, targets, tuner_of
 from ..tuner.ops import add_rounded_once, write_entries
 from .identity import ALLOW_MISMATCH_ENV, FORMAT_VERSION, identity_metadata, weights_fingerprint
@@ -53,6 +53,12 @@ class SparseDelta:
         tuner = tuner_of(model)
         adapter_name = resolve_adapter(tuner, adapter_name)
         config = tuner.peft_config[adapter_name]
+        if config.counts is None:
+            raise NotSelectedError(
+                f"adapter '{adapter_name}' uses selection='{config.selection}' and has not been selected yet: its "
+                "entries are placeholders. Run sam_peft.select_parameters(model, dataloader) (or train with "
+                "SAMCallback) before extracting its delta."
+            )
         entries, shapes = {}, {}
         for t in targets(tuner, adapter_name):
             indices, values = t.layer.entries(adapter_name)[t.attr]
@@ -100,7 +106,7 @@ class SparseDelta:
         expected = self.metadata.get("base_fingerprint")
         if verify and expected:
             names = tuple(self.entries)
-            versions = tuple(params[n]._version for n in names)
+            versions = _weights_state(params, names)
             known = _VERIFIED.setdefault(model, {}).get(names)
             if known is not None and known[1] == versions:
                 actual = known[0]
@@ -178,7 +184,7 @@ class SparseDelta:
                 params[name].data.copy_(backup[name])
         if verified is not None:  # restored bit-exactly: the state verified before apply_to, at new versions
             names = tuple(self.entries)
-            _VERIFIED.setdefault(model, {})[names] = (verified[0], tuple(params[n]._version for n in names))
+            _VERIFIED.setdefault(model, {})[names] = (verified[0], _weights_state(params, names))
         return model
 
     # ------------------------------------------------------------ arithmetic
@@ -266,3 +272,8 @@ class SparseDelta:
         keep = {k: v for k, v in metadata.items() if k in METADATA_KEYS}
         return cls(entries, shapes, dense, keep)
 
+
+def _weights_state(params: dict[str, torch.Tensor], names: tuple[str, ...]) -> tuple:
+    """What the cached fingerprint of these parameters is valid for: each one's storage and version (a tensor
+    assigned or loaded in its place has another storage; an in-place change moves the version)."""
+    return tuple((params[n].data_ptr(), params[n]._version) for n in names)
