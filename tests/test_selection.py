@@ -14,6 +14,7 @@ import conftest
 import pytest
 import torch
 from conftest import SEQ, VOCAB, make_bert, run_two_ranks, sam_model
+from peft import get_peft_model
 from safetensors import safe_open
 
 import sam_peft
@@ -566,3 +567,34 @@ def test_fingerprint_cache_sees_a_base_loaded_by_assignment():
     plain.load_state_dict(conftest.make_bert(seed=7).state_dict(), assign=True)
     with pytest.raises(sam_peft.BaseModelMismatchError):
         delta.apply_to(plain)
+
+
+def test_sam_hessian_with_a_parameter_the_loss_does_not_use():
+    """A targeted parameter outside the loss's graph scores 0 under every signal, the Hutchinson one included."""
+
+    class Branches(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused, self.head = (torch.nn.Linear(8, 8), torch.nn.Linear(8, 8),
+                                                 torch.nn.Linear(8, 2))
+
+        def forward(self, x, labels):
+            return {"loss": torch.nn.functional.cross_entropy(self.head(torch.tanh(self.used(x))), labels)}
+
+    torch.manual_seed(0)
+    batches = [{"x": torch.randn(4, 8), "labels": torch.randint(0, 2, (4,))} for _ in range(2)]
+    model = get_peft_model(Branches(), sam_peft.SparseDiffConfig(sparsity=0.1, selection="sam_hessian"))
+    report = sam_peft.select_parameters(model, batches, progress=False)
+    assert report.selected > 0
+
+
+def test_saving_a_delta_without_shapes_says_why(tmp_path):
+    from sam_peft.storage.adapter_dir import delta_from_adapter_dir
+
+    model = conftest.sam_model()
+    sam_peft.select_parameters(model, conftest.make_batches(2), progress=False)
+    model.save_pretrained(tmp_path / "adapter")
+    delta = delta_from_adapter_dir(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="shapes"):
+        delta.save(tmp_path / "delta.safetensors")
+    assert not (tmp_path / "delta.safetensors").exists()

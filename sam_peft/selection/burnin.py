@@ -367,9 +367,11 @@ def _hutchinson_step(model, found, batch, stats, samples: int, step: int, max_gr
     coef = _clip_coefficient(grads, max_grad_norm, "replicated")
     for t, g in zip(found, grads):
         stats.grad_sum[t.name].add_(g.detach(), alpha=coef)
-    for _ in range(samples):
+    live = [i for i, g in enumerate(grads) if g.requires_grad]  # a parameter the loss does not use has none
+    for _ in range(samples if live else 0):
         probes = [torch.randint_like(p, 2) * 2 - 1 for p in params]
-        hvps = torch.autograd.grad(grads, params, grad_outputs=probes, retain_graph=True, allow_unused=True)
+        hvps = torch.autograd.grad([grads[i] for i in live], params, grad_outputs=[probes[i] for i in live],
+                                   retain_graph=True, allow_unused=True)
         for t, z, hv in zip(found, probes, hvps):
             if hv is not None:
                 stats.hessian_sum[t.name].add_(z * hv / samples)

@@ -222,6 +222,11 @@ class SparseDelta:
     def save(self, path: str | Path) -> Path:
         """Write the delta as one safetensors file, atomically."""
         path = Path(path)
+        missing = [name for name in self.entries if name not in self.shapes]
+        if missing:
+            raise ValueError(f"the shapes of {missing[:3]} are unknown (a delta read from an adapter directory "
+                             "carries none): build it with SparseDelta.from_peft on the model, or save the adapter "
+                             "with save_pretrained instead.")
         tensors = {}
         for name, (indices, values) in self.entries.items():
             tensors[f"sparse.{name}.indices"] = indices.to(index_dtype(math.prod(self.shapes[name])))
