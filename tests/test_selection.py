@@ -598,3 +598,17 @@ def test_saving_a_delta_without_shapes_says_why(tmp_path):
     with pytest.raises(ValueError, match="shapes"):
         delta.save(tmp_path / "delta.safetensors")
     assert not (tmp_path / "delta.safetensors").exists()
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_steps=2.5), dict(hutchinson_samples=0), dict(hutchinson_samples=-3)])
+def test_burn_in_arguments_are_checked_before_any_work(kwargs):
+    model = conftest.sam_model()
+    with pytest.raises((ValueError, sam_peft.ConfigError), match=next(iter(kwargs))):
+        sam_peft.select_parameters(model, conftest.make_batches(2), progress=False, **kwargs)
+    with pytest.raises(sam_peft.NotSelectedError):
+        sam_peft.selected_indices(model)
+
+
+def test_non_integer_seed_is_refused():
+    with pytest.raises(sam_peft.ConfigError, match="seed"):
+        sam_peft.SparseDiffConfig(sparsity=0.1, selection="random", seed=1.5)

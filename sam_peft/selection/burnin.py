@@ -97,6 +97,9 @@ def select_parameters(
     config = tuner.peft_config[adapter_name]
     if selection is not None and selection not in SELECTIONS:
         raise ConfigError(f"selection={selection!r} is unknown; choose one of {list(SELECTIONS)}.")
+    if isinstance(hutchinson_samples, bool) or not isinstance(hutchinson_samples, int) or hutchinson_samples < 1:
+        raise ConfigError(f"hutchinson_samples={hutchinson_samples!r} must be a positive integer (probes per batch "
+                          "of the sam_hessian signal).")
     previous = config.selection
     config.selection = selection or previous
     try:
@@ -237,8 +240,8 @@ def _burn_in_mode(peft_model: nn.Module, tuner, found: list[Target], dropout: bo
 
 
 def _batches(dataloader, num_steps: int | None) -> tuple[Iterator, int | None]:
-    if num_steps is not None and num_steps <= 0:
-        raise ValueError(f"num_steps={num_steps} must be a positive number of batches (or None for all).")
+    if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps <= 0):
+        raise ValueError(f"num_steps={num_steps!r} must be a positive number of batches (or None for all).")
     total = None
     with contextlib.suppress(TypeError):
         total = len(dataloader)

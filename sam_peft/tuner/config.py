@@ -103,6 +103,8 @@ class SparseDiffConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
 
     def _validate(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed={self.seed!r} must be an integer.")
         p = self.sparsity
         if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or not 0.0 < p <= 1.0:
             raise ConfigError(
