@@ -734,7 +734,7 @@ def test_delta_written_follows_the_weight_and_restores_on_error():
 def test_moving_a_layer_drops_its_plan_and_slots():
     """The forward plan and θ0 slots hold a view of the weight's storage: moving or casting the model drops them,
     so the old storage is not kept alive and the next step reads the new one."""
-    pm, _ = make_peft(CASES[5])  # llama-random
+    pm, _ = make_peft(next(c for c in CASES if c.id == "llama-random"))
     ids = torch.randint(3, VOCAB, (BATCH, SEQ))
     pm(input_ids=ids).logits.sum().backward()
     layers = [m for m in pm.modules() if getattr(m, "_plan", None) is not None]
@@ -843,7 +843,7 @@ def test_bf16_merge_equals_the_weights_the_forward_reads():
     model, layer = _one_linear_sam()
     model = model.to(torch.bfloat16)
     for values in layer.sparsediff_values["default"].values():
-        values.data = (values.data.float() * 0.1).float()
+        values.data = values.data.float() * 0.1  # `.to(bfloat16)` cast the values too: fp32 again, trained size
     x = torch.randn(5, 16, dtype=torch.bfloat16)
     with torch.no_grad():
         before = model(x)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import BaseModelMismatchError, DeltaFileError, NotSelectedError
 from ..selection.targets import resolve_adapter, targets, tuner_of
-from ..tuner.ops import add_rounded_once, write_entries
+from ..tuner.ops import add_rounded_once, tensor_version, write_entries
 from .identity import ALLOW_MISMATCH_ENV, FORMAT_VERSION, identity_metadata, weights_fingerprint
 from .io import load_safetensors_checked, save_safetensors_atomic
 from .packing import flat_view
@@ -281,4 +281,4 @@ class SparseDelta:
 def _weights_state(params: dict[str, torch.Tensor], names: tuple[str, ...]) -> tuple:
     """What the cached fingerprint of these parameters is valid for: each one's storage and version (a tensor
     assigned or loaded in its place has another storage; an in-place change moves the version)."""
-    return tuple((params[n].data_ptr(), params[n]._version) for n in names)
+    return tuple((params[n].data_ptr(), tensor_version(params[n])) for n in names)

@@ -9,6 +9,7 @@ active adapters, quantized or sharded weights) the delta runs as a separate spar
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,10 +38,36 @@ def _writable(weight: torch.Tensor) -> bool:
         and (torch.compiler.is_compiling() or not weight.is_inference())  # a graph composes, never writes
 
 
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """What a Linear's last training call ran with (one active adapter, delta written in), reused while all of it
+    is still what the layer holds: the same plan key, values (in the same storage), indices buffer, base tensors,
+    and W's storage and version as when θ0 was read."""
+
+    key: tuple
+    values: torch.Tensor
+    values_ptr: int
+    own_values: nn.ParameterDict  # the adapter's dicts: `functional_call` swaps their entries for one call
+    own_indices: nn.Module
+    indices: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    bias_delta: tuple[torch.Tensor, torch.Tensor] | None
+    structure: BlockStructure
+    slot: DeltaSlot
+
+    def holds(self, layer: SparseDiffLinear) -> bool:
+        base = layer.get_base_layer()
+        return self.key == layer._plan_key() and self.values.data_ptr() == self.values_ptr \
+            and self.own_values["weight"] is self.values and self.own_indices["weight"] is self.indices \
+            and self.weight is base.weight and self.bias is base.bias \
+            and DeltaSlot.weight_key(self.weight) == self.slot.key
+
+
 class _WeightDeltaLayer(SparseDiffLayer):
     """A layer whose `weight` carries a delta through the fast paths of `ops`."""
 
-    _plan: tuple | None = None  # what the last call ran with, reused while nothing it depends on changed
+    _plan: _Plan | None = None  # what the last call ran with, reused while nothing it depends on changed
 
     def invalidate_caches(self) -> None:
         self._plan = None  # it holds a slot and the tensors it was built for
@@ -110,17 +137,9 @@ class SparseDiffLinear(_WeightDeltaLayer):
         if torch.compiler.is_compiling():
             return super().forward(x, *args, **kwargs)
         plan = self._plan
-        # the training hot path: one active adapter, written delta, nothing changed since the last call (the same
-        # values and base tensors, and W's storage and version as when θ0 was read)
-        if plan is not None and plan[0] == self._plan_key() and plan[1].data_ptr() == plan[2]:
-            _, values, _, weight, bias, bias_delta, structure, slot, own = plan
-            base = self.get_base_layer()
-            # the adapter's own tensors are still the module's (`torch.func.functional_call` swaps them for a call)
-            if weight is base.weight and bias is base.bias and DeltaSlot.weight_key(weight) == slot.key \
-                    and own[0]["weight"] is values and own[1]["weight"] is own[2]:
-                if bias_delta is not None:
-                    bias = compose(bias, bias_delta[0], bias_delta[1])
-                return written_delta_matmul(x, weight, bias, values, structure, self.transposed, slot)
+        if plan is not None and plan.holds(self):  # the training hot path: nothing changed since the last call
+            bias = plan.bias if plan.bias_delta is None else compose(plan.bias, *plan.bias_delta)
+            return written_delta_matmul(x, plan.weight, bias, plan.values, plan.structure, self.transposed, plan.slot)
         self._plan = None
         return super().forward(x, *args, **kwargs)
 
@@ -137,11 +156,12 @@ class SparseDiffLinear(_WeightDeltaLayer):
             return composed_delta_matmul(x, base.weight, bias, values, indices, structure, self.transposed)
         if writable:
             slot = self._slot(adapters, indices)
-            # no plan for tensors swapped in for one call (functional_call) or wrapped by torch.func transforms
-            if type(values) is nn.Parameter and (bias_delta is None or len(adapters) == 1):
-                own = (self.sparsediff_values[adapters[0]], self.sparsediff_indices[adapters[0]])
-                self._plan = (self._plan_key(), values, values.data_ptr(), base.weight, base.bias, bias_delta,
-                              structure, slot, (*own, own[1]["weight"]))
+            # writable means one adapter; no plan for tensors swapped in for one call (functional_call) or
+            # wrapped by torch.func transforms
+            if type(values) is nn.Parameter:
+                own_values, own_indices = self.sparsediff_values[adapters[0]], self.sparsediff_indices[adapters[0]]
+                self._plan = _Plan(self._plan_key(), values, values.data_ptr(), own_values, own_indices,
+                                   own_indices["weight"], base.weight, base.bias, bias_delta, structure, slot)
             return written_delta_matmul(x, base.weight, bias, values, structure, self.transposed, slot)
         out = matmul(x, base.weight, bias, self.transposed) if bias is not base.bias else base(x, *args, **kwargs)
         return out + sparse_term(x, values, structure, self.transposed, self.out_features).to(out.dtype)
