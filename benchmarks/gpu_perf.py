@@ -256,9 +256,18 @@ def _train_burn_in(model, batches, device: str, warmup: int) -> dict:
             "selection_seconds": report.seconds - report.burn_in_seconds, "select_parameters_seconds": total}
 
 
+def _is_restrict(method: str) -> bool:
+    number = method.removeprefix(RESTRICT)
+    return method.startswith(RESTRICT) and number.isdigit() and 1 <= int(number) <= 100
+
+
 def run(args) -> dict:
     """Run each method in its own process and collect the results."""
     methods = list(args.methods or METHODS) + (["sam_before"] if args.before else [])
+    unknown = [m for m in methods if m not in (*METHODS, *COMPILED, "sam_before") and not _is_restrict(m)]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}: choose from {[*METHODS, *COMPILED]} or {RESTRICT}NN "
+                         "(NN: the percentage, 1-100, below which a block side is restricted)")
     results = {}
     log = []
     for method in methods:

@@ -274,7 +274,6 @@ def main() -> None:
         report = gpu_perf.run(args)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(report, indent=2))
             report["command"] = " ".join(["python", "benchmarks/perf.py", *sys.argv[1:]])
             Path(args.json).write_text(json.dumps(report, indent=2))
         if args.markdown:

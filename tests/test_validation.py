@@ -69,6 +69,35 @@ def test_fewer_batches_than_num_steps_warns(caplog):
     assert any("5" in m and "2" in m for m in warnings), warnings
 
 
+@pytest.mark.parametrize("allocation", ["per_tensor", "global"])
+def test_a_sparsity_that_selects_nothing_is_refused_before_the_burn_in(allocation):
+    model = sam_model(sparsity=1e-9, allocation=allocation)
+    batches = make_batches(2)
+    consumed = []
+    with pytest.raises(sam_peft.SelectionError, match="selects no entry") as info:
+        sam_peft.select_parameters(model, (consumed.append(b) or b for b in batches), progress=False)
+    assert "sparsity ≥" in str(info.value)
+    assert not consumed  # refused before any burn-in batch
+    assert model.peft_config["default"].counts is None
+
+
+def test_batches_that_are_not_dicts_get_a_clear_error():
+    model = sam_model()
+    batch = make_batches(1)[0]
+    with pytest.raises(sam_peft.SelectionError, match="a burn-in batch is a list, not a dict"):
+        sam_peft.select_parameters(model, [[batch["input_ids"], batch["labels"]]], progress=False)
+    assert model.peft_config["default"].counts is None
+
+
+def test_sparsity_one_warning_suggests_a_valid_value(caplog):
+    with caplog.at_level(logging.WARNING, logger="sam_peft"):
+        sam_peft.SAMConfig(sparsity=1.0)
+        sam_peft.SAMConfig(sparsity=0.995)
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "did you mean 0.005?" in messages[1]
+    assert "did you mean 0.0?" not in messages[0] and "did you mean a small fraction" in messages[0]
+
+
 def _flags(model) -> dict[str, bool]:
     return {n: p.requires_grad for n, p in model.named_parameters()}
 

@@ -120,6 +120,7 @@ def _select(model, tuner, adapter_name: str, config, dataloader, num_steps, *, p
                              "without is_trainable=True); load it with is_trainable=True to select and train it.")
     found = targets(tuner, adapter_name)
     _check_targets(found)
+    _check_budget(config, found)
     start = time.perf_counter()
     if config.is_data_free:
         select_data_free(tuner, adapter_name)
@@ -211,6 +212,20 @@ def _check_targets(found: list[Target]) -> None:
                              "taken: select on a float16/bfloat16/float32 model.")
 
 
+def _check_budget(config, found: list[Target]) -> None:
+    """A budgeted selection that would tune no entry at all is refused before any burn-in work."""
+    if not SIGNALS[config.selection].budgeted:
+        return
+    sizes = [t.param.numel() for t in found]
+    total = sum(sizes) if config.allocation == "global" else max(sizes)
+    if per_tensor_budget(config.sparsity, total) == 0:
+        scope = "all targeted tensors together" if config.allocation == "global" else "the largest targeted tensor"
+        raise SelectionError(
+            f"sparsity={config.sparsity} selects no entry: {scope} has {total} entries, and floor(p × {total}) = 0. "
+            f"Use sparsity ≥ {1 / total:.3g}, target larger modules, or allocation='global'."
+        )
+
+
 @contextlib.contextmanager
 def _burn_in_mode(peft_model: nn.Module, tuner, found: list[Target], dropout: bool):
     """Base weights require grad, everything else does not, adapters off; all restored afterwards."""
@@ -256,6 +271,12 @@ def _batches(dataloader, num_steps: int | None) -> tuple[Iterator, int | None]:
 
 
 def _move(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict:
+    if not isinstance(batch, Mapping):
+        raise SelectionError(
+            f"a burn-in batch is a {type(batch).__name__}, not a dict of model inputs; pass a dataloader whose "
+            "batches are dicts with the model's keyword arguments and labels (e.g. a DataLoader over a tokenized "
+            "dataset with transformers' DataCollatorWithPadding)."
+        )
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 

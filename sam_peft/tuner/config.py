@@ -112,10 +112,10 @@ class SparseDiffConfig(PeftConfig):
                 "e.g. 0.005 for 0.5 %."
             )
         if p > 0.5:
+            hint = f"did you mean {round(1 - p, 6)}?" if p < 1 else "did you mean a small fraction such as 0.005?"
             logger.warning(
                 "sparsity=%s tunes %.0f %% of the targeted parameters. sam-peft's sparsity is the fraction "
-                "tuned (peft's Supertuning uses the opposite convention); did you mean %s?",
-                p, 100 * p, round(1 - p, 6),
+                "tuned (peft's Supertuning uses the opposite convention); %s", p, 100 * p, hint,
             )
         if self.selection not in SELECTIONS:
             raise ConfigError(f"selection={self.selection!r} is unknown; choose one of {list(SELECTIONS)}.")
