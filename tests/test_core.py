@@ -1152,6 +1152,31 @@ def test_unmerge_restores_fp32_base_bit_exactly():
     assert_same_params({n: p.detach() for n, p in base_params(pm).items()}, before)
 
 
+def test_stacked_deltas_come_off_in_reverse_order():
+    pm, base = make_peft(BERT)
+    randomize(pm)
+    delta = sam_peft.SparseDelta.from_peft(pm)
+    other = delta.scale(0.5)  # the same entries and head
+    sparse_only = sam_peft.SparseDelta({n: (i, v * 2) for n, (i, v) in delta.entries.items()}, dict(delta.shapes),
+                                       metadata=dict(delta.metadata))
+    plain = copy.deepcopy(base).eval()
+    before = plain_params(plain)
+    delta.apply_to(plain)
+    other.apply_to(plain, verify_fingerprint=False)  # stacked: the base it sees is θ0 + Δ
+    with pytest.raises(ValueError, match="reverse order"):
+        delta.remove_from(plain)  # would restore θ0 under `other`, and `other` would then put back θ0 + Δ
+    other.remove_from(plain)
+    delta.remove_from(plain)
+    assert_same_params(plain_params(plain), before)
+    # disjoint deltas (one holds only the head, the other only the entries) come off in any order, exactly
+    head_only = sam_peft.SparseDelta({}, {}, dict(delta.dense), dict(delta.metadata))
+    head_only.apply_to(plain, verify_fingerprint=False)
+    sparse_only.apply_to(plain, verify_fingerprint=False)
+    head_only.remove_from(plain)
+    sparse_only.remove_from(plain)
+    assert_same_params(plain_params(plain), before)
+
+
 def test_packed_model_switches_deltas_exactly():
     pm, base = make_peft(BERT)
     randomize(pm)

@@ -25,6 +25,8 @@ DELTA_FILE_KIND = "sam-peft-sparse-delta"
 # model -> {parameter names: (fingerprint, their versions)} for states whose fingerprint was computed; a later
 # check at the same versions (nothing written since, or a SparseDelta restored it exactly) needs no re-hash.
 _VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# model -> the deltas applied to it, oldest first: a delta is removed only when no later one changed its entries
+_APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FLAT = "\0flat"  # backup key of the packed (single gather/scatter) path
 METADATA_KEYS = ("base_architecture", "base_fingerprint", "selection", "allocation", "sparsity", "sam_peft_format")
 
@@ -164,14 +166,26 @@ class SparseDelta:
                 backup[name] = params[name].data.clone()
                 params[name].data.copy_(tensor.to(params[name].device, params[name].dtype))
         self._backups[id(model)] = (backup, _VERIFIED.get(model, {}).get(tuple(self.entries)))
+        _APPLIED.setdefault(model, []).append(self)
         return model
 
     def remove_from(self, model: nn.Module) -> nn.Module:
-        """Restore the entries `apply_to` changed (bit-exact)."""
-        saved = self._backups.pop(id(model), None)
-        if saved is None:
+        """Restore the entries `apply_to` changed (bit-exact).
+
+        Deltas stacked on one model that change the same entries are removed in reverse order of applying (the
+        restored entries would otherwise undo the later delta); a removal out of that order is refused.
+        """
+        if id(model) not in self._backups:
             raise ValueError("this delta is not applied to this model; nothing to remove.")
-        backup, verified = saved
+        stack = _APPLIED.get(model, [])
+        position = next((i for i, d in enumerate(stack) if d is self), len(stack))
+        blocking = next((d for d in stack[position + 1:] if self._overlaps(d)), None)
+        if blocking is not None:
+            raise ValueError(f"a delta applied after this one changes some of the same entries (it holds "
+                             f"{blocking.num_entries:,} entries); remove it first: deltas stacked on one model "
+                             "come off in reverse order of applying.")
+        del stack[position:position + 1]
+        backup, verified = self._backups.pop(id(model))
         params = dict(model.named_parameters())
         with torch.no_grad():
             if _FLAT in backup:
@@ -186,6 +200,13 @@ class SparseDelta:
             names = tuple(self.entries)
             _VERIFIED.setdefault(model, {})[names] = (verified[0], _weights_state(params, names))
         return model
+
+    def _overlaps(self, other: SparseDelta) -> bool:
+        """Whether the two deltas write any common entry (dense replacements cover their whole tensor)."""
+        if (set(self.dense) & (set(other.dense) | set(other.entries))) or (set(other.dense) & set(self.entries)):
+            return True
+        return any(bool(torch.isin(self.entries[n][0], other.entries[n][0].to(self.entries[n][0].device)).any())
+                   for n in set(self.entries) & set(other.entries))
 
     # ------------------------------------------------------------ arithmetic
     def scale(self, factor: float) -> SparseDelta:
