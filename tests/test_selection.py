@@ -612,3 +612,34 @@ def test_burn_in_arguments_are_checked_before_any_work(kwargs):
 def test_non_integer_seed_is_refused():
     with pytest.raises(sam_peft.ConfigError, match="seed"):
         sam_peft.SparseDiffConfig(sparsity=0.1, selection="random", seed=1.5)
+
+
+def test_training_an_unselected_adapter_is_refused(tmp_path):
+    model = conftest.sam_model()
+    batch = conftest.make_batches(1)[0]
+    model.train()
+    with pytest.raises(sam_peft.NotSelectedError, match="placeholder entries"):
+        model(**batch)
+    with torch.no_grad():
+        model(**batch)  # inference and evaluation are fine
+    model.eval()
+    model(**batch)
+    with pytest.raises(sam_peft.NotSelectedError, match="SAMCallback"):  # a Trainer without the callback
+        _trainer(conftest.sam_model(), tmp_path / "plain", transformers_callback()).train()
+    sam_peft.select_parameters(model, conftest.make_batches(2), progress=False)
+    model.train()
+    model(**batch).loss.backward()
+
+
+def test_callback_for_an_inactive_adapter_is_refused(tmp_path):
+    model = conftest.sam_model()
+    model.add_adapter("other", sam_peft.SAMConfig(sparsity=0.05, task_type="SEQ_CLS"))
+    with pytest.raises(sam_peft.SelectionError, match="set_adapter\\('other'\\)"):
+        _trainer(model, tmp_path, sam_peft.SAMCallback(burn_in_steps=2, adapter_name="other")).train()
+    assert model.peft_config["other"].counts is None
+
+
+def transformers_callback():
+    from transformers import TrainerCallback
+
+    return TrainerCallback()

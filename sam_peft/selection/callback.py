@@ -8,6 +8,7 @@ import logging
 import torch
 from transformers import TrainerCallback
 
+from ..errors import SelectionError
 from .burnin import select_parameters
 from .targets import resolve_adapter, tuner_of
 
@@ -42,6 +43,11 @@ class SAMCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         tuner = tuner_of(model)
         adapter = resolve_adapter(tuner, self.adapter_name)
+        if adapter not in tuner.active_adapters:
+            raise SelectionError(
+                f"SAMCallback selects adapter '{adapter}' but the model trains {list(tuner.active_adapters)}; call "
+                f"model.set_adapter('{adapter}') before training, or give the callback the active adapter's name."
+            )
         if tuner.peft_config[adapter].counts is not None:
             logger.info("adapter '%s' already has its entries; no burn-in.", adapter)
             return

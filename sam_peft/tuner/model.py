@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import torch
@@ -11,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from ..errors import BaseModelMismatchError, ConfigError, DeltaFileError
+from ..errors import BaseModelMismatchError, ConfigError, DeltaFileError, NotSelectedError
 from ..selection.distributed import is_sharded
 from ..storage.identity import ALLOW_MISMATCH_ENV, architecture_of, shapes_digest, weights_fingerprint
 from ..storage.validation import check_dense_entries, check_entries, index_dtype
@@ -87,6 +88,28 @@ class SparseDiffModel(BaseTuner):
         super()._mark_only_adapters_as_trainable(model)
         for adapter_name in self.peft_config:
             sync_trainable(self, adapter_name)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """peft enters this around every forward of the PeftModel: a training forward of an adapter whose
+        data-driven selection has not run is refused (it would tune the placeholder entries)."""
+        if self.training and torch.is_grad_enabled():
+            self._refuse_unselected_training()
+        yield
+
+    def _refuse_unselected_training(self) -> None:
+        for name in self.active_adapters:
+            config = self.peft_config[name]
+            if config.counts is not None or config.is_data_free or config.inference_mode:
+                continue
+            if any(not layer.disable_adapters and any(v.requires_grad for v in layer.sparsediff_values[name].values())
+                   for layer in self.model.modules()
+                   if isinstance(layer, SparseDiffLayer) and name in layer.sparsediff_values):
+                raise NotSelectedError(
+                    f"adapter '{name}' uses selection='{config.selection}' and its entries have not been selected, "
+                    "so training it would tune placeholder entries. Run sam_peft.select_parameters(model, "
+                    "dataloader) first, or train with callbacks=[sam_peft.SAMCallback()] (selecting this adapter)."
+                )
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
