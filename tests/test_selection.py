@@ -643,3 +643,29 @@ def transformers_callback():
     from transformers import TrainerCallback
 
     return TrainerCallback()
+
+
+@pytest.mark.parametrize("first", ["select", "callback"])
+def test_global_allocation_resumes_whichever_way_it_was_selected(base, tmp_path, first):
+    """The optimizer of a run selected before the Trainer holds only non-empty values; one built before the
+    callback's selection held every placeholder. Both now save the same optimizer, so either resumes."""
+
+    def run(out_dir, resume, selected_first, with_callback):
+        model = peft_model(base, allocation="global")
+        if selected_first:
+            sam_peft.select_parameters(model, make_batches(3), progress=False, dropout=False)
+        callback = sam_peft.SAMCallback(burn_in_steps=3, dropout=False) if with_callback else transformers_callback()
+        trainer = _trainer(model, out_dir, callback, max_steps=4, save_steps=2, eval_strategy="no",
+                           gradient_accumulation_steps=1)
+        trainer.train(resume_from_checkpoint=resume)
+        return model, callback
+
+    reference, _ = run(tmp_path / "run", None, first == "select", first == "callback")
+    expected = {n: v.detach().clone() for n, v in value_params(reference).items()}
+    for with_callback in (False, True):  # a fresh adapter gets the checkpoint's entries; nothing is selected again
+        model, callback = run(tmp_path / "run", str(tmp_path / "run" / "checkpoint-2"), False, with_callback)
+        assert getattr(callback, "report", None) is None
+        got = value_params(model)
+        assert got.keys() == expected.keys()
+        for name, values in expected.items():
+            torch.testing.assert_close(got[name].detach(), values, rtol=0, atol=0, msg=name)

@@ -10,7 +10,7 @@ from transformers import TrainerCallback
 
 from ..errors import SelectionError
 from .burnin import select_parameters
-from .targets import resolve_adapter, tuner_of
+from .targets import resolve_adapter, targets, tuner_of
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class SAMCallback(TrainerCallback):
         with _training_autocast(args, model):  # the burn-in runs as training will: bf16/fp16, fp32 statistics
             self.report = select_parameters(model, train_dataloader, self.burn_in_steps, adapter_name=adapter,
                                             **self.select_kwargs)
+        _drop_frozen_values(kwargs.get("optimizer"), tuner, adapter)
         logger.info("SAM selection done:\n%s", self.report)
 
 
@@ -65,3 +66,18 @@ def _training_autocast(args, model) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
     device = next((p.device.type for p in model.parameters()), "cpu")
     return torch.autocast(device, dtype=dtype)
+
+
+def _drop_frozen_values(optimizer, tuner, adapter: str) -> None:
+    """Take the values tensors the selection left empty (and frozen) out of the optimizer the Trainer built before
+    it, so that its parameter groups, and the checkpoints it writes, are those of an optimizer built after a
+    selection (or after loading a checkpoint): a run resumes whichever way its entries were chosen."""
+    if optimizer is None:
+        return
+    frozen = {id(v) for t in targets(tuner, adapter)
+              for v in [t.layer.sparsediff_values[adapter][t.attr]] if not v.requires_grad}
+    for group in optimizer.param_groups:
+        if any(id(p) in frozen and p in optimizer.state for p in group["params"]):
+            return  # the optimizer has stepped them already: leave it as it is
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in frozen]

@@ -323,14 +323,18 @@ def load_entries(model: nn.Module, config: SparseDiffConfig, adapter_name: str, 
             expected = None if config.counts is None else config.counts.get(name, 0)
             if expected is not None and expected != indices.numel():
                 raise DeltaFileError(
-                    f"'{name}' has {indices.numel()} entries in the file but {expected} in the adapter config; "
-                    "the config and the weights come from different saves."
+                    f"'{name}' has {indices.numel()} entries in the file but {expected} in the adapter config: "
+                    "either the config and the weights come from different saves, or the adapter was selected "
+                    "again before this load (allocation='global' can then size it differently). To resume from a "
+                    "checkpoint, load it into an adapter that was not selected (SAMCallback then skips selecting)."
                 )
             counts[name] = int(indices.numel())
             state_dict[idx_key] = indices.to(index_dtype(param.numel()))
             state_dict[val_key] = values.to(torch.float32)
             if module.sparsediff_values[adapter_name][attr].numel() != indices.numel():
                 module.set_entries(adapter_name, attr, state_dict[idx_key].long())
+            if indices.numel() == 0:  # as after a selection (`sync_trainable`): an optimizer built now omits it
+                module.sparsediff_values[adapter_name][attr].requires_grad_(False)
     check_dense_entries(model, state_dict)
     config.counts = counts
 
