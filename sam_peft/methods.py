@@ -111,9 +111,11 @@ def _sparse_delta(model, settings, task_type, head, burn_in: int) -> PreparedMet
         return PreparedMethod(wrapped)
     selection = SAMCallback(burn_in_steps=burn_in, progress=settings.progress)
 
-    def describe() -> dict:
+    def describe() -> dict:  # the steps the burn-in used (fewer than asked when the data ran out)
         report = selection.report
-        return {"burn_in_steps": burn_in, "burn_in_seconds": report.seconds if report else None}
+        return {"burn_in_steps": report.steps if report else burn_in, "burn_in_steps_requested": burn_in,
+                "burn_in_seconds": report.burn_in_seconds if report else None,
+                "selection_seconds": report.seconds if report else None}
 
     return PreparedMethod(wrapped, [selection], describe=describe)
 

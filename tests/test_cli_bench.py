@@ -40,9 +40,9 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
-def _train(out: Path, data_dir: Path, model: Path, task: str, method: str = "sam") -> dict:
+def _train(out: Path, data_dir: Path, model: Path, task: str, method: str = "sam", burn_in: int = 2) -> dict:
     code = main(["train", "--task", task, "--method", method, "--data-dir", str(data_dir), "--model", str(model),
-                 "--output", str(out), "--max-steps", "6", "--burn-in-steps", "2", "--batch-size", "4",
+                 "--output", str(out), "--max-steps", "6", "--burn-in-steps", str(burn_in), "--batch-size", "4",
                  "--max-length", "32", "--eval-steps", "3", "--sparsity", "0.05", "--no-progress"])
     assert code == 0
     return json.loads((out / "metrics.json").read_text())
@@ -59,6 +59,7 @@ def test_train_writes_delta_metrics_and_plots(tmp_path, data_dir, tiny_model, ca
     assert metrics["trainable_params"] > 0 and metrics["delta_bytes"] == (
         out / "adapter" / "adapter_model.safetensors").stat().st_size
     assert metrics["burn_in_steps"] == 2
+    assert 0 < metrics["burn_in_seconds"] <= metrics["method_facts"]["selection_seconds"]
     assert "dev (official) primary" in capsys.readouterr().out
 
 
@@ -67,7 +68,8 @@ def test_inspect_eval_switch_and_merge(tmp_path, data_dir, tiny_model, capsys):
 
     _train(tmp_path / "rte", data_dir, tiny_model, "rte")
     _train(tmp_path / "rte2", data_dir, tiny_model, "rte", method="random")
-    _train(tmp_path / "cb", data_dir, tiny_model, "cb")
+    cb = _train(tmp_path / "cb", data_dir, tiny_model, "cb", burn_in=50)  # 27 training rows: 7 batches of 4
+    assert cb["burn_in_steps"] == 7 and cb["method_facts"]["burn_in_steps_requested"] == 50
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "rte"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)

@@ -269,7 +269,16 @@ def test_empty_dataloader(base):
     with pytest.raises(sam_peft.SelectionError, match="empty"):
         sam_peft.select_parameters(model, [], progress=False)
     with pytest.raises(sam_peft.SelectionError):
-        sam_peft.select_parameters(model, iter([]), progress=False)  # no len(): found out while iterating
+        sam_peft.select_parameters(model, iter([]), num_steps=2, progress=False)  # no len(): found out while iterating
+
+    def endless():
+        while True:
+            yield from make_batches(2)
+
+    with pytest.raises(sam_peft.SelectionError, match="has no length.*num_steps"):
+        sam_peft.select_parameters(model, endless(), progress=False)  # it hung before
+    assert sam_peft.select_parameters(model, endless(), num_steps=3, progress=False).steps == 3
+    model = peft_model(base)
     with pytest.raises(ValueError, match="needs data"):
         sam_peft.select_parameters(model, None, progress=False)
     assert model.peft_config["default"].counts is None
@@ -669,3 +678,31 @@ def test_global_allocation_resumes_whichever_way_it_was_selected(base, tmp_path,
         assert got.keys() == expected.keys()
         for name, values in expected.items():
             torch.testing.assert_close(got[name].detach(), values, rtol=0, atol=0, msg=name)
+
+
+def test_burn_in_reads_tuple_outputs_and_a_given_loss_fn(base):
+    """The loss as a Trainer reads it: a tuple output's first element, or a loss the caller computes."""
+    reference = peft_model(base)
+    sam_peft.select_parameters(reference, make_batches(3), progress=False, dropout=False)
+    expected = sam_peft.selected_indices(reference)
+
+    tuple_base = copy.deepcopy(base)
+    tuple_base.config.return_dict = False
+    model = peft_model(tuple_base)
+    sam_peft.select_parameters(model, make_batches(3), progress=False, dropout=False)
+    assert_same_indices(sam_peft.selected_indices(model), expected)
+
+    def loss_fn(m, batch):  # the loss computed outside the model, which is given no labels
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return torch.nn.functional.cross_entropy(m(**inputs).logits, batch["labels"])
+
+    model = peft_model(base)
+    sam_peft.select_parameters(model, make_batches(3), progress=False, dropout=False, loss_fn=loss_fn)
+    assert_same_indices(sam_peft.selected_indices(model), expected)
+
+    unlabelled = [{k: v for k, v in b.items() if k != "labels"} for b in make_batches(1)]
+    with pytest.raises(sam_peft.SelectionError, match="include the labels, or pass loss_fn"):
+        sam_peft.select_parameters(peft_model(base), unlabelled, progress=False)
+    with pytest.raises(sam_peft.SelectionError, match="scalar tensor"):
+        sam_peft.select_parameters(peft_model(base), make_batches(1), progress=False,
+                                   loss_fn=lambda m, b: m(**b).logits)

@@ -6,7 +6,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +62,7 @@ def select_parameters(
     progress: bool = True,
     statistics_dtype: torch.dtype | str = torch.float32,
     max_grad_norm: float | None = None,
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None,
 ) -> SelectionReport:
     """Run the burn-in at θ0, score every targeted entry, keep the exact top-k, install the indices.
 
@@ -69,7 +70,8 @@ def select_parameters(
         model: a PeftModel with a sam-peft adapter (DDP-wrapped models are unwrapped).
         dataloader: batches as dicts the model accepts, labels included (a DataLoader). Not needed for the
             data-free selections (magnitude, random, bitfit).
-        num_steps: batches to use (all when None). Fewer available batches log a warning; none is an error.
+        num_steps: batches to use (all when None; a dataloader without a length needs it). Fewer available batches
+            log a warning; none is an error.
         adapter_name: the adapter to select (default: the active one).
         selection: override of the config's selection signal.
         per_example: for "fisher", sum squared per-example gradients (FISH mask) instead of batch ones.
@@ -82,6 +84,9 @@ def select_parameters(
             before adding it, as the paper's code did with 1.0. None (default): sum the raw gradients, which lets
             each gradient be folded in and freed as soon as it is computed; clipping keeps one batch gradient of
             all targeted parameters until the norm is known.
+        loss_fn: `(model, batch) -> scalar loss` to score instead of the model's own loss (`outputs.loss`, or the
+            first element of a tuple output): pass the loss training uses when it is not the model's (a Trainer's
+            `compute_loss_func`, label smoothing, a TRL `loss_type`), or for a model that returns none.
 
     Returns:
         A `SelectionReport`. The values of the selected entries are zero (the model equals the base model).
@@ -105,14 +110,15 @@ def select_parameters(
     try:
         return _select(model, tuner, adapter_name, config, dataloader, num_steps, per_example=per_example,
                        hutchinson_samples=hutchinson_samples, dropout=dropout, progress=progress,
-                       statistics_dtype=statistics_dtype, max_grad_norm=max_grad_norm)
+                       statistics_dtype=statistics_dtype, max_grad_norm=max_grad_norm, loss_fn=loss_fn)
     except BaseException:
         config.selection = previous  # the override is recorded only with the entries it chose
         raise
 
 
 def _select(model, tuner, adapter_name: str, config, dataloader, num_steps, *, per_example: bool,
-            hutchinson_samples: int, dropout: bool, progress: bool, statistics_dtype, max_grad_norm) -> SelectionReport:
+            hutchinson_samples: int, dropout: bool, progress: bool, statistics_dtype, max_grad_norm,
+            loss_fn) -> SelectionReport:
     if any(getattr(m, "merged", False) for m in tuner.model.modules() if hasattr(m, "sparsediff_values")):
         raise SelectionError("an adapter is merged into the base weights; unmerge_adapter() before selecting.")
     if config.inference_mode:
@@ -129,6 +135,8 @@ def _select(model, tuner, adapter_name: str, config, dataloader, num_steps, *, p
         raise ValueError(f"selection='{config.selection}' needs data: pass a dataloader of training batches.")
 
     statistics_dtype = _statistics_dtype(statistics_dtype)
+    if loss_fn is not None and not callable(loss_fn):
+        raise ConfigError(f"loss_fn={loss_fn!r} must be a callable (model, batch) -> scalar loss tensor.")
     if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
         raise ConfigError(f"max_grad_norm={max_grad_norm!r} must be a positive number (or None: no clipping).")
     engine = check_engine([t.param for t in found])
@@ -144,7 +152,7 @@ def _select(model, tuner, adapter_name: str, config, dataloader, num_steps, *, p
     with _burn_in_mode(peft_model, tuner, found, dropout):
         steps = _accumulate(peft_model, found, dataloader, num_steps, config.selection, stats,
                             per_example=per_example, hutchinson_samples=hutchinson_samples, progress=progress,
-                            dtype=statistics_dtype, max_grad_norm=max_grad_norm, engine=engine)
+                            dtype=statistics_dtype, max_grad_norm=max_grad_norm, engine=engine, loss_fn=loss_fn)
     if engine == "fsdp":
         sync_shards_requires_grad(peft_model)
     else:
@@ -262,6 +270,11 @@ def _batches(dataloader, num_steps: int | None) -> tuple[Iterator, int | None]:
         total = len(dataloader)
     if total == 0:
         raise SelectionError("the burn-in dataloader is empty; pass training batches to select from.")
+    if total is None and num_steps is None:
+        raise SelectionError(
+            f"the burn-in dataloader ({type(dataloader).__name__}) has no length, so one pass over it may never end "
+            "(a streaming dataset): pass num_steps, the number of burn-in batches (SAMCallback(burn_in_steps=N))."
+        )
     if num_steps is not None and total is not None and total < num_steps:
         logger.warning("burn-in asked for %d steps but the dataloader has %d batches; using %d.",
                        num_steps, total, total)
@@ -280,19 +293,35 @@ def _move(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _loss(model: nn.Module, batch: dict, step: int) -> torch.Tensor:
-    out = model(**batch)
-    loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+def _loss(model: nn.Module, batch: dict, step: int, loss_fn=None) -> torch.Tensor:
+    loss = _model_loss(model(**batch)) if loss_fn is None else loss_fn(model, batch)
     if loss is None:
-        raise SelectionError("the model returned no loss: burn-in batches must include labels.")
+        raise SelectionError(
+            f"the model returned no loss for a burn-in batch with keys {sorted(batch)}: include the labels, or "
+            "pass loss_fn=(model, batch) -> loss (SAMCallback(loss_fn=...)) computing the loss training uses."
+        )
+    if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+        raise SelectionError(f"the burn-in loss must be a scalar tensor; loss_fn returned {type(loss).__name__}"
+                             f"{f' of shape {list(loss.shape)}' if isinstance(loss, torch.Tensor) else ''}.")
     if not torch.isfinite(loss):
         raise SelectionError(f"the burn-in loss is {loss.item()} at step {step}; check the inputs and labels, "
                              "and the model's dtype (fp16 overflows easily).")
     return loss
 
 
+def _model_loss(out) -> torch.Tensor | None:
+    """`outputs.loss`, or the first element of a tuple output when it is a scalar (transformers' convention when
+    labels are given, `return_dict=False`), as the Trainer reads it."""
+    if isinstance(out, Mapping):
+        return out.get("loss")
+    if isinstance(out, (tuple, list)):
+        first = out[0] if out else None
+        return first if isinstance(first, torch.Tensor) and first.dim() == 0 else None
+    return getattr(out, "loss", None)
+
+
 def _accumulate(model, found, dataloader, num_steps, selection, stats, *, per_example, hutchinson_samples,
-                progress, dtype=torch.float32, max_grad_norm=None, engine="replicated") -> int:
+                progress, dtype=torch.float32, max_grad_norm=None, engine="replicated", loss_fn=None) -> int:
     device = found[0].param.device
     for t in found:
         shape = Shard.of(t.param).local.shape if engine == "fsdp" else t.param.shape
@@ -305,7 +334,8 @@ def _accumulate(model, found, dataloader, num_steps, selection, stats, *, per_ex
 
         with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels have no double backward
             for batch in tqdm(batches, total=total, desc="burn-in", disable=not progress):
-                _hutchinson_step(model, found, _move(batch, device), stats, hutchinson_samples, steps, max_grad_norm)
+                _hutchinson_step(model, found, _move(batch, device), stats, hutchinson_samples, steps, max_grad_norm,
+                                 loss_fn)
                 steps += 1
     else:
         # without clipping and with whole weights, each gradient is folded in (and freed) the moment it is ready;
@@ -317,7 +347,7 @@ def _accumulate(model, found, dataloader, num_steps, selection, stats, *, per_ex
             for batch in tqdm(batches, total=total, desc="burn-in", disable=not progress):
                 batch = _move(batch, device)
                 for piece in (_examples(batch) if per_example and selection == "fisher" else [batch]):
-                    _loss(model, piece, steps).backward()
+                    _loss(model, piece, steps, loss_fn).backward()
                     if not hooked:
                         _fold_gradients(found, selection, stats, max_grad_norm, engine)
                 steps += 1
@@ -384,9 +414,9 @@ def _examples(batch: dict) -> Iterator[dict]:
         yield {k: (v[i : i + 1] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
-def _hutchinson_step(model, found, batch, stats, samples: int, step: int, max_grad_norm=None) -> None:
+def _hutchinson_step(model, found, batch, stats, samples: int, step: int, max_grad_norm=None, loss_fn=None) -> None:
     params = [t.param for t in found]
-    grads = torch.autograd.grad(_loss(model, batch, step), params, create_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(_loss(model, batch, step, loss_fn), params, create_graph=True, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
     coef = _clip_coefficient(grads, max_grad_norm, "replicated")
     for t, g in zip(found, grads):
