@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .methods import DEFAULT_LRS, METHODS, prepare_method
-from .selection.scores import SELECTIONS
+from .selection.scores import SELECTIONS, SIGNALS
 from .storage.io import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class TrainSettings:
     dps_keep: float = 0.7
     dps_stage_ratio: float = 0.05
     progress: bool = True
+    overwrite: bool = False  # replace the outputs of an earlier run in `output`
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,6 +83,10 @@ class TrainSettings:
             self.lr = DEFAULT_LRS[self.method]
         if self.batch_size <= 0 or self.max_length <= 0:
             raise ValueError("batch_size and max_length must be positive.")
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or \
+                not 0 < self.sparsity <= 1:
+            raise ValueError(f"sparsity={self.sparsity!r} is invalid: it is the fraction of parameters tuned and must "
+                             "be in (0, 1], e.g. 0.005 for 0.5 %.")
 
 
 def default_model_path() -> str:
@@ -106,8 +111,17 @@ def load_base_model(model_path: str, task) -> nn.Module:
         if task.is_regression:
             kwargs["problem_type"] = "regression"
     model_class = AutoModelForMultipleChoice if task.is_multiple_choice else AutoModelForSequenceClassification
-    with _quiet_transformers():  # its load report lists the new head as MISSING: expected, reported below if not
-        model, info = model_class.from_pretrained(model_path, output_loading_info=True, **kwargs)
+    try:
+        with _quiet_transformers():  # its load report lists the new head as MISSING: expected, reported below if not
+            model, info = model_class.from_pretrained(model_path, output_loading_info=True, **kwargs)
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc) and "ignore_mismatched_sizes" not in str(exc):
+            raise
+        raise ValueError(
+            f"{model_path} has a head of another shape than task '{task.name}' needs ({task.num_labels} labels"
+            f"{', multiple choice' if task.is_multiple_choice else ''}): it was trained for another task. Pass the "
+            "task it was trained on (--task), or the base model it was trained from (--model)."
+        ) from exc
     _report_unexpected_keys(model, model_path, info)
     return model
 
@@ -160,8 +174,8 @@ def run_training(settings: TrainSettings) -> dict:
 
     task = resolve_task(settings.task)
     out_dir = Path(settings.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = settings.model or default_model_path()
+    _check_output(out_dir, settings.overwrite)
+    model_path = _model_reference(settings.model) if settings.model else default_model_path()
     set_seed(settings.seed)
     started = time.perf_counter()
 
@@ -174,6 +188,8 @@ def run_training(settings: TrainSettings) -> dict:
                               total_steps=total_steps)
     model = prepared.model
     trainable = count_trainable(model)
+    _clear_outputs(out_dir)  # only now: a run refused while loading leaves no folder behind
+    out_dir.mkdir(parents=True, exist_ok=True)
     args = _training_arguments(settings, out_dir, total_steps, eval_steps)
     callbacks = [*prepared.callbacks, EarlyStoppingCallback(early_stopping_patience=settings.patience)]
     trainer = _trainer_class(prepared.loss_terms)(
@@ -198,7 +214,7 @@ def run_training(settings: TrainSettings) -> dict:
         "task": task.name,
         "method": settings.method,
         "seed": settings.seed,
-        "sparsity": settings.sparsity if settings.method in SELECTIONS else None,
+        "sparsity": settings.sparsity if settings.method in SELECTIONS and SIGNALS[settings.method].budgeted else None,
         "model": settings_dict["model"],
         "metric": dev_metrics.get("primary"),  # the official dev split's primary metric
         "metrics": dev_metrics,
@@ -234,6 +250,37 @@ def _load_encoded(task, settings: TrainSettings, model_path: str) -> tuple:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     encoded = {name: encode(task, tokenizer, ds, max_length=settings.max_length) for name, ds in splits.items()}
     return tokenizer, encoded
+
+
+RUN_OUTPUTS = ("adapter", "checkpoints", "metrics.json", "selection_heatmap.png", "training_curve.png")
+
+
+def _check_output(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an output path that is a file, or that holds an earlier run unless `overwrite` (which replaces only
+    the run's own outputs, `RUN_OUTPUTS`)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--output {out_dir} is a file; pass a directory path.")
+    earlier = [name for name in RUN_OUTPUTS if (out_dir / name).exists()]
+    if earlier and not overwrite:
+        raise ValueError(f"--output {out_dir} already holds a run ({', '.join(earlier)}); choose another directory, "
+                         "or pass --overwrite to replace that run's outputs.")
+
+
+def _clear_outputs(out_dir: Path) -> None:
+    import shutil
+
+    for name in RUN_OUTPUTS:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _model_reference(model: str) -> str:
+    """A local model directory as an absolute path (the run records it for `eval` and `merge` from elsewhere);
+    anything else (a hub id) as given."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
 
 
 def _training_arguments(settings: TrainSettings, out_dir: Path, total_steps: int, eval_steps: int):

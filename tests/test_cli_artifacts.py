@@ -99,6 +99,7 @@ def test_eval_accepts_every_method_and_reproduces_the_trained_score(runs, data_d
         trained = json.loads((out / "metrics.json").read_text())
         assert entry["method"] == method and entry["task"] == "rte"
         assert entry["primary"] == pytest.approx(trained["metric"], abs=1e-6), method
+        assert entry["max_length"] == 24  # the run's, not the default 128
 
 
 def test_merge_accepts_every_mergeable_method_and_says_why_not(runs, tmp_path, capsys):
@@ -175,3 +176,80 @@ def test_encoder_weights_missing_from_a_checkpoint_are_still_reported(tmp_path, 
         load_base_model(str(damaged), resolve_task("rte"))
     assert "encoder weights are not in the checkpoint" in caplog.text and "layer.1.output.dense.weight" in caplog.text
     assert "classifier" not in caplog.text
+
+
+def _quick_train(data_dir, model, output, *extra) -> int:
+    return main(["train", "--task", "rte", "--data-dir", str(data_dir), "--model", str(model), "--output",
+                 str(output), "--max-steps", "1", "--burn-in-steps", "1", "--batch-size", "8", "--max-length", "24",
+                 "--eval-steps", "1", "--sparsity", "0.05", "--no-progress", *extra])
+
+
+def test_train_refuses_a_folder_holding_a_run_unless_overwrite(tmp_path, data_dir, tiny_model, capsys):
+    target = tmp_path / "run"
+    assert _quick_train(data_dir, tiny_model, target) == 0
+    assert (target / "selection_heatmap.png").exists()
+    capsys.readouterr()
+    assert _quick_train(data_dir, tiny_model, target, "--method", "full") == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err
+    assert (target / "adapter" / "adapter_config.json").exists()  # the earlier run is untouched
+    assert _quick_train(data_dir, tiny_model, target, "--method", "full", "--overwrite") == 0
+    assert not (target / "adapter" / "adapter_config.json").exists()  # no file of the sam run mixed in
+    assert not (target / "selection_heatmap.png").exists()
+    capsys.readouterr()
+    assert main(["inspect", str(target), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "full model"
+
+
+def test_bad_paths_are_clear_errors_that_leave_nothing_behind(tmp_path, data_dir, tiny_model, runs, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    cases = [
+        (lambda: _quick_train(data_dir, tiny_model, afile), "is a file"),
+        (lambda: _quick_train(data_dir, tmp_path / "no-model", tmp_path / "out1"), "no-model"),
+        (lambda: _quick_train(data_dir, tiny_model, tmp_path / "out2", "--sparsity", "0"), "sparsity=0.0"),
+        (lambda: main(["merge", "--adapter", str(runs["sam"]), "--output", str(afile)]), "is a file"),
+        (lambda: main(["eval", "--adapter", str(runs["sam"]), "--data-dir", str(data_dir), "--json",
+                       str(tmp_path)]), "is a directory"),
+    ]
+    for call, words in cases:
+        assert call() == 2, words
+        err = capsys.readouterr().err
+        assert "sam-peft: error:" in err and words in err and "Traceback" not in err, err
+    assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
+    assert afile.read_text() == ""
+
+
+def test_a_model_with_another_tasks_head_is_a_clear_error(tmp_path, data_dir, runs, capsys):
+    cb = tmp_path / "glue" / "CB"
+    cb.mkdir(parents=True)
+    for split in ("train", "val"):
+        rows = [json.dumps({"premise": "a cat sat", "hypothesis": "a dog ran", "idx": i,
+                            "label": ["entailment", "contradiction", "neutral"][i % 3]}) for i in range(6)]
+        (cb / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    assert main(["eval", "--adapter", str(runs["full"]), "--task", "cb", "--data-dir", str(tmp_path / "glue"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "head of another shape" in err and "'cb'" in err and "Traceback" not in err
+
+
+def test_a_relative_model_path_is_recorded_absolute(tmp_path, data_dir, tiny_model, monkeypatch):
+    monkeypatch.chdir(tiny_model.parent)
+    assert _quick_train(data_dir, tiny_model.name, tmp_path / "run") == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["model"] == str(tiny_model.resolve())
+    monkeypatch.chdir(tmp_path)  # eval from elsewhere finds the base
+    assert main(["eval", "--adapter", "run", "--data-dir", str(data_dir), "--no-progress"]) == 0
+
+
+def test_inspect_of_bitfit_counts_what_it_tunes(tmp_path, data_dir, tiny_model, capsys):
+    assert _quick_train(data_dir, tiny_model, tmp_path / "bitfit", "--method", "bitfit") == 0
+    metrics = json.loads((tmp_path / "bitfit" / "metrics.json").read_text())
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "bitfit"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["sparsity"] is None and metrics["sparsity"] is None  # bitfit tunes every bias, not a fraction
+    counts = json.loads((tmp_path / "bitfit" / "adapter" / "adapter_config.json").read_text())["counts"]
+    assert summary["tensors_with_delta"] == sum(1 for n, c in counts.items() if c) < len(counts)
+    assert all(n.endswith("bias") for n, c in counts.items() if c)
+    assert summary["counts_match_config"]

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with quiet_expected_noise(not args.verbose):
             return args.func(args)
-    except (SamPeftError, FileNotFoundError, ValueError) as exc:
+    except (SamPeftError, OSError, ValueError) as exc:  # OSError: files, and models that cannot be found
         print(f"sam-peft: error: {exc}", file=sys.stderr)
         return 2
 

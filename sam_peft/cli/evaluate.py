@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
     evaluate.add_argument("--model", help="base model (default: the run's, else the packaged all-MiniLM-L6-v2)")
     evaluate.add_argument("--data-dir")
     evaluate.add_argument("--batch-size", type=int, default=64)
-    evaluate.add_argument("--max-length", type=int, default=128)
+    evaluate.add_argument("--max-length", type=int,
+                          help="token limit (default: the run's, from its metrics.json, else 128)")
     evaluate.add_argument("--limit", type=int)
     evaluate.add_argument("--json", help="also write the results to this JSON file")
     evaluate.add_argument("--no-progress", action="store_true")
@@ -38,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from ..tasks import load_task
 
     artifacts = [identify(path) for path in args.adapter]  # refuse an unusable directory before loading anything
+    if args.json and Path(args.json).is_dir():
+        raise ValueError(f"--json {args.json} is a directory; pass a file path.")
     tokenizers: dict[str, object] = {}
     bases: dict[tuple, object] = {}
     results = []
@@ -49,10 +52,11 @@ def run(args: argparse.Namespace) -> int:
             tokenizers[tokenizer_path] = AutoTokenizer.from_pretrained(tokenizer_path)
         split = load_task(task, data_dir=args.data_dir, limit=args.limit)["dev"]
         with loaded(artifact, task, model_path, bases) as model:
+            max_length = args.max_length or (artifact.run.get("settings") or {}).get("max_length") or 128
             metrics = evaluate_model(model, tokenizers[tokenizer_path], task, split, batch_size=args.batch_size,
-                                     max_length=args.max_length, progress=not args.no_progress)
+                                     max_length=max_length, progress=not args.no_progress)
         results.append({"adapter": str(artifact.path), "kind": artifact.kind, "method": artifact.method,
-                        "task": task.name, **metrics})
+                        "task": task.name, "max_length": max_length, **metrics})
         print(f"{artifact.path}  {task.name} ({artifact.kind}): primary {metrics['primary']:.2f}  "
               + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "primary"))
     if args.json:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..errors import DeltaFileError
 from .common import FULL_MODEL, identify
@@ -27,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     from .evaluate import task_of
 
     artifact = identify(args.adapter)
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise ValueError(f"--output {args.output} is a file; pass a directory path for the merged model.")
     task = task_of(artifact, args.task)
     if artifact.kind == FULL_MODEL:  # nothing to merge: the model itself, re-saved
         model, tokenizer_path = load_base_model(str(artifact.path), task), str(artifact.path)

@@ -41,6 +41,8 @@ def add_parser(sub) -> None:
     train.add_argument("--pa-r", type=int, help="parallel_adapter / mam: bottleneck width (default hidden size // 2)")
     train.add_argument("--pa-scaling", type=float, help="parallel_adapter / mam: scale s of the adapter (default 4)")
     train.add_argument("--prefix-length", type=int, default=30, help="prefix / mam: prefix length l (default 30)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the outputs of an earlier run in --output (refused otherwise)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(func=run)
 
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, patience=args.patience, eval_steps=args.eval_steps, limit=args.limit,
         reproject_every=args.reproject_every, logging_steps=args.logging_steps, progress=not args.no_progress,
         pa_style=args.pa_style, pa_placement=args.pa_placement, pa_r=args.pa_r, pa_scaling=args.pa_scaling,
-        prefix_length=args.prefix_length,
+        prefix_length=args.prefix_length, overwrite=args.overwrite,
     )
     metrics = run_training(settings)
     print_table([

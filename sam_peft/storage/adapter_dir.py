@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DeltaFileError
+from ..selection.scores import SIGNALS
 from ..selection.targets import layer_and_kind
 from .delta import METADATA_KEYS, SparseDelta
 from .identity import identity_metadata
@@ -74,17 +75,23 @@ def adapter_summary(adapter_dir: str | Path) -> dict:
         "entry_bytes": entry_bytes,
         "dense_params": sum(t.numel() for t in dense.values()),
         "dense_bytes": sum(t.numel() * t.element_size() for t in dense.values()),
-        "tensors_with_delta": len(sparse),
+        "tensors_with_delta": sum(1 for p in sparse.values() if p["indices"].numel()),
         "selection": config.get("selection"),
         "allocation": config.get("allocation"),
-        "sparsity": config.get("sparsity"),
+        "sparsity": config.get("sparsity") if _budgeted(config.get("selection")) else None,  # bitfit: every bias
         "base_model": config.get("base_model_name_or_path"),
         "base_architecture": config.get("base_architecture"),
         "base_fingerprint": config.get("base_fingerprint") or metadata.get("base_fingerprint"),
-        "counts_match_config": all(counts.get(n, -1) == p["indices"].numel() for n, p in sparse.items()),
+        "counts_match_config": counts.keys() == sparse.keys() and all(
+            counts[n] == p["indices"].numel() for n, p in sparse.items()),
         "per_layer": dict(per_layer),
         "per_kind": dict(per_kind),
     }
+
+
+def _budgeted(selection: str | None) -> bool:
+    signal = SIGNALS.get(selection)
+    return signal is None or signal.budgeted
 
 
 def delta_from_adapter_dir(adapter_dir: str | Path):
