@@ -11,6 +11,7 @@ import torch
 from ..errors import DeltaFileError
 from ..selection.scores import SIGNALS
 from ..selection.targets import layer_and_kind
+from ..tuner.peft_type import PEFT_TYPE
 from .delta import METADATA_KEYS, SparseDelta
 from .identity import identity_metadata
 from .io import load_safetensors_checked
@@ -36,6 +37,10 @@ def _read(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise DeltaFileError(f"{config_path} is not valid JSON ({exc}); the file is corrupted.") from exc
+    if not isinstance(config, dict) or config.get("peft_type") != PEFT_TYPE.value:
+        kind = config.get("peft_type") if isinstance(config, dict) else None
+        raise DeltaFileError(f"{adapter_dir} holds a peft adapter of type {kind}, not a sam-peft sparse delta "
+                             f"({PEFT_TYPE.value}); load it with peft.PeftModel.from_pretrained instead.")
     tensors, metadata = load_safetensors_checked(adapter_dir / "adapter_model.safetensors")
     return config, tensors, metadata, adapter_dir
 
