@@ -117,10 +117,12 @@ def load_base_model(model_path: str, task) -> nn.Module:
     except RuntimeError as exc:
         if "size mismatch" not in str(exc) and "ignore_mismatched_sizes" not in str(exc):
             raise
+        detail = next((f" ({line.strip()})" for line in str(exc).splitlines() if "size mismatch" in line), "")
         raise ValueError(
-            f"{model_path} has a head of another shape than task '{task.name}' needs ({task.num_labels} labels"
-            f"{', multiple choice' if task.is_multiple_choice else ''}): it was trained for another task. Pass the "
-            "task it was trained on (--task), or the base model it was trained from (--model)."
+            f"{model_path} has weights of another shape than task '{task.name}' needs ({task.num_labels} labels"
+            f"{', multiple choice' if task.is_multiple_choice else ''}){detail}. "
+            "A head of another shape means it was trained for another task: pass that task (--task), "
+            "or the base model it came from (--model)."
         ) from exc
     _report_unexpected_keys(model, model_path, info)
     return model
@@ -176,6 +178,10 @@ def run_training(settings: TrainSettings) -> dict:
     out_dir = Path(settings.output)
     _check_output(out_dir, settings.overwrite)
     model_path = _model_reference(settings.model) if settings.model else default_model_path()
+    local = Path(model_path)
+    if settings.overwrite and local.exists() and local.resolve().is_relative_to(out_dir.resolve()):
+        raise ValueError(f"--model {model_path} lies inside --output {out_dir}, which --overwrite would clear; "
+                         "choose another output directory.")
     set_seed(settings.seed)
     started = time.perf_counter()
 
@@ -224,6 +230,7 @@ def run_training(settings: TrainSettings) -> dict:
         "total_seconds": time.perf_counter() - started,
         "burn_in_seconds": method_facts.get("burn_in_seconds"),
         "burn_in_steps": method_facts.get("burn_in_steps"),
+        "selection_seconds": method_facts.get("selection_seconds"),  # burn-in, scoring and top-k
         "method_facts": method_facts,
         "global_steps": trainer.state.global_step,
         "train_loss": train_output.training_loss,
@@ -264,6 +271,10 @@ def _check_output(out_dir: Path, overwrite: bool) -> None:
     if earlier and not overwrite:
         raise ValueError(f"--output {out_dir} already holds a run ({', '.join(earlier)}); choose another directory, "
                          "or pass --overwrite to replace that run's outputs.")
+    if earlier and not (out_dir / "metrics.json").is_file():
+        raise ValueError(f"--output {out_dir} holds {', '.join(earlier)} but no metrics.json of a finished `sam-peft "
+                         "train` run, so --overwrite does not delete them; remove them yourself or choose another "
+                         "directory.")
 
 
 def _clear_outputs(out_dir: Path) -> None:

@@ -199,6 +199,14 @@ def test_train_refuses_a_folder_holding_a_run_unless_overwrite(tmp_path, data_di
     capsys.readouterr()
     assert main(["inspect", str(target), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kind"] == "full model"
+    # --overwrite deletes only a finished run's outputs, and never the model it trains from
+    assert _quick_train(data_dir, target / "adapter", target, "--overwrite") == 2
+    assert "lies inside --output" in capsys.readouterr().err
+    mine = tmp_path / "mine"
+    (mine / "checkpoints").mkdir(parents=True)
+    (mine / "checkpoints" / "my_model.pt").write_text("x")
+    assert _quick_train(data_dir, tiny_model, mine, "--overwrite") == 2
+    assert "no metrics.json" in capsys.readouterr().err and (mine / "checkpoints" / "my_model.pt").exists()
 
 
 def test_bad_paths_are_clear_errors_that_leave_nothing_behind(tmp_path, data_dir, tiny_model, runs, capsys):
@@ -230,7 +238,7 @@ def test_a_model_with_another_tasks_head_is_a_clear_error(tmp_path, data_dir, ru
     assert main(["eval", "--adapter", str(runs["full"]), "--task", "cb", "--data-dir", str(tmp_path / "glue"),
                  "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "head of another shape" in err and "'cb'" in err and "Traceback" not in err
+    assert "another shape" in err and "another task" in err and "'cb'" in err and "Traceback" not in err
 
 
 def test_a_relative_model_path_is_recorded_absolute(tmp_path, data_dir, tiny_model, monkeypatch):

@@ -9,9 +9,11 @@ Further tests cover the autograd functions directly, config validation, the exac
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -1175,6 +1177,17 @@ def test_stacked_deltas_come_off_in_reverse_order():
     head_only.remove_from(plain)
     sparse_only.remove_from(plain)
     assert_same_params(plain_params(plain), before)
+    # the model keeps no delta alive (only which entries it changed): a delta left applied and dropped is freed,
+    # and still keeps an earlier one that shares its entries from coming off
+    delta.apply_to(plain)
+    dropped = delta.scale(0.5)
+    dropped.apply_to(plain, verify_fingerprint=False)
+    ref = weakref.ref(dropped)
+    del dropped
+    gc.collect()
+    assert ref() is None
+    with pytest.raises(ValueError, match="reverse order"):
+        delta.remove_from(plain)
 
 
 def test_packed_model_switches_deltas_exactly():

@@ -275,13 +275,29 @@ def test_empty_dataloader(base):
         while True:
             yield from make_batches(2)
 
-    with pytest.raises(sam_peft.SelectionError, match="has no length.*num_steps"):
-        sam_peft.select_parameters(model, endless(), progress=False)  # it hung before
     assert sam_peft.select_parameters(model, endless(), num_steps=3, progress=False).steps == 3
+    assert sam_peft.select_parameters(model, iter(make_batches(2)), progress=False).steps == 2  # one pass
     model = peft_model(base)
     with pytest.raises(ValueError, match="needs data"):
         sam_peft.select_parameters(model, None, progress=False)
     assert model.peft_config["default"].counts is None
+
+
+def test_callback_on_a_stream_needs_burn_in_steps(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            while True:
+                yield from _dataset(8, 3)
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, disable_tqdm=True, save_strategy="no")
+    model = conftest.sam_model()
+    with pytest.raises(sam_peft.SelectionError, match="burn_in_steps=N"):  # it hung before
+        Trainer(model=model, args=args, train_dataset=Stream(), callbacks=[sam_peft.SAMCallback()]).train()
+    Trainer(model=model, args=args, train_dataset=Stream(), callbacks=[sam_peft.SAMCallback(burn_in_steps=2)]).train()
+    assert model.peft_config["default"].counts is not None
 
 
 def test_num_steps(base, batches, caplog):

@@ -175,6 +175,7 @@ def test_meta_device_base_is_a_selection_error(kind, saved):
 
 def test_adding_an_existing_adapter_name_is_refused():
     model = sam_model()
+    sam_peft.select_parameters(model, make_batches(1), dropout=False, progress=False)
     before = content(model)
     with pytest.raises(ValueError, match="'default' already exists"):
         model.add_adapter("default", sam_peft.SAMConfig(sparsity=0.1, task_type="SEQ_CLS"))
@@ -191,3 +192,12 @@ def test_selecting_an_inference_mode_adapter_is_refused(tmp_path):
     loaded = PeftModel.from_pretrained(make_bert(), tmp_path)  # is_trainable=False: values frozen
     with pytest.raises(sam_peft.SelectionError, match="inference mode"):
         sam_peft.select_parameters(loaded, make_batches(1), progress=False)
+
+
+def test_saving_an_unselected_adapter_is_refused_before_writing(tmp_path):
+    model = sam_model()
+    with pytest.raises(sam_peft.NotSelectedError, match="before saving"):
+        model.save_pretrained(tmp_path / "adapter")
+    assert not any((tmp_path / "adapter").glob("*.safetensors"))
+    magnitude = get_peft_model(make_bert(), sam_peft.SparseDiffConfig(sparsity=SPARSITY, task_type="SEQ_CLS"))
+    magnitude.save_pretrained(tmp_path / "data-free")  # selected when it was created

@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         with quiet_expected_noise(not args.verbose):
             return args.func(args)
     except (SamPeftError, OSError, ValueError) as exc:  # OSError: files, and models that cannot be found
+        if args.verbose:  # -v shows everything, the traceback included
+            raise
         print(f"sam-peft: error: {exc}", file=sys.stderr)
         return 2
 

@@ -70,7 +70,7 @@ def select_parameters(
         model: a PeftModel with a sam-peft adapter (DDP-wrapped models are unwrapped).
         dataloader: batches as dicts the model accepts, labels included (a DataLoader). Not needed for the
             data-free selections (magnitude, random, bitfit).
-        num_steps: batches to use (all when None; a dataloader without a length needs it). Fewer available batches
+        num_steps: batches to use (all when None: give it for a stream that never ends). Fewer available batches
             log a warning; none is an error.
         adapter_name: the adapter to select (default: the active one).
         selection: override of the config's selection signal.
@@ -271,10 +271,8 @@ def _batches(dataloader, num_steps: int | None) -> tuple[Iterator, int | None]:
     if total == 0:
         raise SelectionError("the burn-in dataloader is empty; pass training batches to select from.")
     if total is None and num_steps is None:
-        raise SelectionError(
-            f"the burn-in dataloader ({type(dataloader).__name__}) has no length, so one pass over it may never end "
-            "(a streaming dataset): pass num_steps, the number of burn-in batches (SAMCallback(burn_in_steps=N))."
-        )
+        logger.warning("the burn-in dataloader (%s) has no length: the burn-in runs until it is exhausted; pass "
+                       "num_steps if it is a stream that never ends.", type(dataloader).__name__)
     if num_steps is not None and total is not None and total < num_steps:
         logger.warning("burn-in asked for %d steps but the dataloader has %d batches; using %d.",
                        num_steps, total, total)

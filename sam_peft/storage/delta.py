@@ -25,8 +25,24 @@ DELTA_FILE_KIND = "sam-peft-sparse-delta"
 # model -> {parameter names: (fingerprint, their versions)} for states whose fingerprint was computed; a later
 # check at the same versions (nothing written since, or a SparseDelta restored it exactly) needs no re-hash.
 _VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# model -> the deltas applied to it, oldest first: a delta is removed only when no later one changed its entries
+# model -> a footprint of each delta applied to it and not yet removed, oldest first: a delta is removed only when
+# no later one changed its entries. Footprints hold indices only, never a delta (its values, backups, dense head).
 _APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True, eq=False)
+class _Footprint:
+    """Which entries an applied delta changed: its token (identity), indices per parameter, dense tensor names."""
+
+    token: object
+    indices: dict[str, torch.Tensor]
+    dense: frozenset[str]
+
+    def overlaps(self, other: _Footprint) -> bool:
+        if self.dense & (other.dense | other.indices.keys()) or other.dense & self.indices.keys():
+            return True
+        return any(bool(torch.isin(self.indices[n], other.indices[n].to(self.indices[n].device)).any())
+                   for n in self.indices.keys() & other.indices.keys())
 _FLAT = "\0flat"  # backup key of the packed (single gather/scatter) path
 METADATA_KEYS = ("base_architecture", "base_fingerprint", "selection", "allocation", "sparsity", "sam_peft_format")
 
@@ -47,6 +63,7 @@ class SparseDelta:
     _backups: dict[int, tuple] = field(default_factory=dict, repr=False, compare=False)
     _plan: tuple | None = field(default=None, repr=False, compare=False)
     _checked: dict[int, tuple] = field(default_factory=dict, repr=False, compare=False)
+    _token: object = field(default_factory=object, repr=False, compare=False)
 
     # ------------------------------------------------------------ creation
     @classmethod
@@ -166,7 +183,7 @@ class SparseDelta:
                 backup[name] = params[name].data.clone()
                 params[name].data.copy_(tensor.to(params[name].device, params[name].dtype))
         self._backups[id(model)] = (backup, _VERIFIED.get(model, {}).get(tuple(self.entries)))
-        _APPLIED.setdefault(model, []).append(self)
+        _APPLIED.setdefault(model, []).append(self._footprint())
         return model
 
     def remove_from(self, model: nn.Module) -> nn.Module:
@@ -178,13 +195,16 @@ class SparseDelta:
         if id(model) not in self._backups:
             raise ValueError("this delta is not applied to this model; nothing to remove.")
         stack = _APPLIED.get(model, [])
-        position = next((i for i, d in enumerate(stack) if d is self), len(stack))
-        blocking = next((d for d in stack[position + 1:] if self._overlaps(d)), None)
-        if blocking is not None:
-            raise ValueError(f"a delta applied after this one changes some of the same entries (it holds "
-                             f"{blocking.num_entries:,} entries); remove it first: deltas stacked on one model "
-                             "come off in reverse order of applying.")
-        del stack[position:position + 1]
+        position = next((i for i, f in enumerate(stack) if f.token is self._token), None)
+        if position is not None:
+            mine = stack[position]
+            blocking = next((f for f in stack[position + 1:] if mine.overlaps(f)), None)
+            if blocking is not None:
+                held = sum(i.numel() for i in blocking.indices.values())
+                raise ValueError(f"a delta applied after this one changes some of the same entries (it holds "
+                                 f"{held:,} entries); remove it first: deltas stacked on one model come off in "
+                                 "reverse order of applying.")
+            del stack[position]
         backup, verified = self._backups.pop(id(model))
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -201,12 +221,8 @@ class SparseDelta:
             _VERIFIED.setdefault(model, {})[names] = (verified[0], _weights_state(params, names))
         return model
 
-    def _overlaps(self, other: SparseDelta) -> bool:
-        """Whether the two deltas write any common entry (dense replacements cover their whole tensor)."""
-        if (set(self.dense) & (set(other.dense) | set(other.entries))) or (set(other.dense) & set(self.entries)):
-            return True
-        return any(bool(torch.isin(self.entries[n][0], other.entries[n][0].to(self.entries[n][0].device)).any())
-                   for n in set(self.entries) & set(other.entries))
+    def _footprint(self) -> _Footprint:
+        return _Footprint(self._token, {n: i for n, (i, _) in self.entries.items()}, frozenset(self.dense))
 
     # ------------------------------------------------------------ arithmetic
     def scale(self, factor: float) -> SparseDelta:

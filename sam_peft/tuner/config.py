@@ -142,9 +142,6 @@ class SparseDiffConfig(PeftConfig):
         """
         if os.path.isfile(save_directory):
             raise ConfigError(f"{save_directory} is a file; save_pretrained needs a directory path.")
-        if self.counts is None and not self.is_data_free:
-            logger.warning("saving an adapter whose selection='%s' has not run: its file holds placeholder entries, "
-                           "and a model loaded from it will treat them as selected.", self.selection)
         output = self.to_dict()
         auto_mapping = kwargs.pop("auto_mapping_dict", None)
         if auto_mapping is not None:

@@ -142,6 +142,12 @@ class SparseDiffModel(BaseTuner):
         adapter's entries and the dense head (`modules_to_save`) is all-gathered here, in the same order on every
         rank; the base weights are left sharded (they are not saved).
         """
+        if config.counts is None and not config.is_data_free:
+            raise NotSelectedError(
+                f"adapter '{adapter_name}' uses selection='{config.selection}' and has not been selected: its "
+                "entries are placeholders, and a model loaded from them would take them as selected. Run "
+                "sam_peft.select_parameters(model, dataloader) (or train with SAMCallback) before saving."
+            )
         for key, value in list(state_dict.items()):
             if is_sharded(value) and (f".{PREFIX}" in key or ".modules_to_save." in key):
                 state_dict[key] = value.full_tensor()
