@@ -23,6 +23,7 @@ from torch import nn
 from .methods import DEFAULT_LRS, METHODS, prepare_method
 from .selection.scores import SELECTIONS, SIGNALS
 from .storage.io import write_text_atomic
+from .tuner.config import check_sparsity
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +84,7 @@ class TrainSettings:
             self.lr = DEFAULT_LRS[self.method]
         if self.batch_size <= 0 or self.max_length <= 0:
             raise ValueError("batch_size and max_length must be positive.")
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or \
-                not 0 < self.sparsity <= 1:
-            raise ValueError(f"sparsity={self.sparsity!r} is invalid: it is the fraction of parameters tuned and must "
-                             "be in (0, 1], e.g. 0.005 for 0.5 %.")
+        check_sparsity(self.sparsity)  # before any data is loaded
 
 
 def default_model_path() -> str:

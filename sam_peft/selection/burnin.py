@@ -265,9 +265,7 @@ def _burn_in_mode(peft_model: nn.Module, tuner, found: list[Target], dropout: bo
 def _batches(dataloader, num_steps: int | None) -> tuple[Iterator, int | None]:
     if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps <= 0):
         raise ValueError(f"num_steps={num_steps!r} must be a positive number of batches (or None for all).")
-    total = None
-    with contextlib.suppress(TypeError):
-        total = len(dataloader)
+    total = batch_count(dataloader)
     if total == 0:
         raise SelectionError("the burn-in dataloader is empty; pass training batches to select from.")
     if total is None and num_steps is None:
@@ -279,6 +277,14 @@ def _batches(dataloader, num_steps: int | None) -> tuple[Iterator, int | None]:
     if total is None:
         return itertools.islice(iter(dataloader), num_steps), None
     return itertools.islice(iter(dataloader), num_steps), min(num_steps or total, total)
+
+
+def batch_count(dataloader) -> int | None:
+    """len(dataloader), or None when it has none (a DataLoader over an IterableDataset raises TypeError)."""
+    try:
+        return len(dataloader)
+    except TypeError:
+        return None
 
 
 def _move(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict:
@@ -299,8 +305,8 @@ def _loss(model: nn.Module, batch: dict, step: int, loss_fn=None) -> torch.Tenso
             "pass loss_fn=(model, batch) -> loss (SAMCallback(loss_fn=...)) computing the loss training uses."
         )
     if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
-        raise SelectionError(f"the burn-in loss must be a scalar tensor; loss_fn returned {type(loss).__name__}"
-                             f"{f' of shape {list(loss.shape)}' if isinstance(loss, torch.Tensor) else ''}.")
+        shape = f" of shape {list(loss.shape)}" if isinstance(loss, torch.Tensor) else ""
+        raise SelectionError(f"the burn-in loss must be a scalar tensor; got a {type(loss).__name__}{shape}.")
     if not torch.isfinite(loss):
         raise SelectionError(f"the burn-in loss is {loss.item()} at step {step}; check the inputs and labels, "
                              "and the model's dtype (fp16 overflows easily).")

@@ -9,7 +9,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..errors import SelectionError
-from .burnin import select_parameters
+from .burnin import batch_count, select_parameters
 from .targets import resolve_adapter, targets, tuner_of
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class SAMCallback(TrainerCallback):
             logger.info("adapter '%s' already has its entries; no burn-in.", adapter)
             return
         self.select_kwargs.setdefault("progress", not args.disable_tqdm)
-        if self.burn_in_steps is None and not _has_length(train_dataloader):
+        if self.burn_in_steps is None and batch_count(train_dataloader) is None:
             raise SelectionError("the trainer's train dataloader has no length (an IterableDataset), so one burn-in "
                                  "pass over it may never end: give SAMCallback(burn_in_steps=N).")
         with _training_autocast(args, model):  # the burn-in runs as training will: bf16/fp16, fp32 statistics
@@ -86,12 +86,3 @@ def _drop_frozen_values(optimizer, tuner, adapter: str) -> None:
             return  # the optimizer has stepped them already: leave it as it is
     for group in optimizer.param_groups:
         group["params"] = [p for p in group["params"] if id(p) not in frozen]
-
-
-def _has_length(dataloader) -> bool:
-    """A DataLoader always has __len__, which raises TypeError over an IterableDataset without one."""
-    try:
-        len(dataloader)
-    except TypeError:
-        return False
-    return True

@@ -28,6 +28,8 @@ _VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # model -> a footprint of each delta applied to it and not yet removed, oldest first: a delta is removed only when
 # no later one changed its entries. Footprints hold indices only, never a delta (its values, backups, dense head).
 _APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FLAT = "\0flat"  # backup key of the packed (single gather/scatter) path
+METADATA_KEYS = ("base_architecture", "base_fingerprint", "selection", "allocation", "sparsity", "sam_peft_format")
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,8 +45,6 @@ class _Footprint:
             return True
         return any(bool(torch.isin(self.indices[n], other.indices[n].to(self.indices[n].device)).any())
                    for n in self.indices.keys() & other.indices.keys())
-_FLAT = "\0flat"  # backup key of the packed (single gather/scatter) path
-METADATA_KEYS = ("base_architecture", "base_fingerprint", "selection", "allocation", "sparsity", "sam_peft_format")
 
 
 @dataclass

@@ -106,11 +106,7 @@ class SparseDiffConfig(PeftConfig):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed={self.seed!r} must be an integer.")
         p = self.sparsity
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or not 0.0 < p <= 1.0:
-            raise ConfigError(
-                f"sparsity={p!r} is invalid: it is the fraction of parameters tuned and must be in (0, 1], "
-                "e.g. 0.005 for 0.5 %."
-            )
+        check_sparsity(p)
         if p > 0.5:
             hint = f"did you mean {round(1 - p, 6)}?" if p < 1 else "did you mean a small fraction such as 0.005?"
             logger.warning(
@@ -173,6 +169,15 @@ class SparseDiffConfig(PeftConfig):
             if isinstance(out.get(key), set):
                 out[key] = sorted(out[key])
         return out
+
+
+def check_sparsity(p) -> None:
+    """Raise `ConfigError` unless `p`, the fraction of parameters tuned, is a number in (0, 1]."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or math.isnan(p) or not 0.0 < p <= 1.0:
+        raise ConfigError(
+            f"sparsity={p!r} is invalid: it is the fraction of parameters tuned and must be in (0, 1], "
+            "e.g. 0.005 for 0.5 %."
+        )
 
 
 @dataclass
