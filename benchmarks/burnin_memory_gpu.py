@@ -42,7 +42,7 @@ def main() -> None:
         torch.manual_seed(0)
         base = BertForSequenceClassification(BertConfig(num_labels=2)).to(device)
         model = get_peft_model(base, sam_peft.SAMConfig(task_type="SEQ_CLS"))
-        n = sum(t.param.numel() for t in sam_peft.selection.targets.targets(model, "default"))
+        n = sum(t.param.numel() for t in sam_peft.tuner.targets.targets(model, "default"))
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()

@@ -213,16 +213,17 @@ def topk_worker(n: int) -> dict:
     it runs once untimed; the second one is measured, with RSS sampled during the call (live memory, since
     MALLOC_MMAP_THRESHOLD_ returns freed blocks to the system).
     """
-    from sam_peft.selection.topk import topk_global
+    from sam_peft.ranking.budget import budget
+    from sam_peft.ranking.topk import top_entries
 
     tensors, left, g = [], n, torch.Generator().manual_seed(0)
     while left:
         size = min(left, 4_000_000)
         tensors.append((f"t{len(tensors)}", torch.rand(size, generator=g)))
         left -= size
-    k = int(0.005 * n)
-    first_seconds, first_extra = _peak_during(lambda: topk_global(tensors, k))
-    seconds, extra = _peak_during(lambda: topk_global(tensors, k))
+    global_budget = budget(0.005, "global", [t.numel() for _, t in tensors])
+    first_seconds, first_extra = _peak_during(lambda: top_entries(tensors, global_budget))
+    seconds, extra = _peak_during(lambda: top_entries(tensors, global_budget))
     return {"n": n, "seconds": seconds, "extra_bytes": extra, "score_bytes": 4 * n,
             "first_call_seconds": first_seconds, "first_call_extra_bytes": first_extra}
 

@@ -4,6 +4,11 @@
 `peft.get_peft_model(model, sam_peft.SAMConfig())`.
 """
 
+from .burnin.callback import SAMCallback
+from .burnin.report import SelectionReport
+from .burnin.select import select_parameters
+from .deltas.delta import SparseDelta
+from .deltas.packing import pack_parameters
 from .errors import (
     BaseModelMismatchError,
     ConfigError,
@@ -12,13 +17,8 @@ from .errors import (
     SamPeftError,
     SelectionError,
 )
-from .selection.burnin import select_parameters
-from .selection.callback import SAMCallback
-from .selection.report import SelectionReport
-from .selection.targets import selected_indices
-from .storage.delta import SparseDelta
-from .storage.packing import pack_parameters
 from .tuner import PEFT_TYPE, SAMConfig, SparseDiffConfig, SparseDiffModel, register
+from .tuner.targets import selected_indices
 
 __version__ = "0.1.0"
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .selection.scores import SELECTIONS, SIGNALS
+from .ranking.signals import SELECTIONS, SIGNALS
 from .tuner import SparseDiffConfig
 
 # Default learning rates: 1e-3 for the parameter-efficient methods and 5e-5 for the dense ones (the best of
@@ -37,7 +37,7 @@ class Method:
     paper: bool = True  # one of the 12 methods of the paper's comparison (Table 1)
 
 
-# The one list of methods: the sparse deltas are the selection signals (`sam_peft.selection.scores.SIGNALS`).
+# The one list of methods: the sparse deltas are the selection signals (`sam_peft.ranking.signals.SIGNALS`).
 REGISTRY: dict[str, Method] = {
     method.name: method
     for method in (
@@ -102,7 +102,7 @@ def prepare_method(model: nn.Module, settings, task, *, burn_in: int, total_step
 def _sparse_delta(model, settings, task_type, head, burn_in: int) -> PreparedMethod:
     from peft import get_peft_model
 
-    from .selection.callback import SAMCallback
+    from .burnin.callback import SAMCallback
 
     config = SparseDiffConfig(sparsity=settings.sparsity, selection=settings.method, allocation=settings.allocation,
                               seed=settings.seed, task_type=task_type, modules_to_save=head)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from .selection.targets import layer_and_kind
 from .storage.io import atomic_path
+from .tuner.targets import layer_and_kind
 
 
 def subplots(*args, **kwargs):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .methods import DEFAULT_LRS, METHODS, prepare_method
-from .selection.scores import SELECTIONS, SIGNALS
+from .ranking.signals import SELECTIONS, SIGNALS
 from .storage.io import write_text_atomic
 from .tuner.config import check_sparsity
 
@@ -392,13 +392,12 @@ def _plots(out_dir: Path, model: nn.Module, trainer, settings: TrainSettings) ->
 
     plot_training_curve(trainer.state.log_history, out_dir / "training_curve.png", title=settings.task)
     if settings.method in SELECTIONS:
-        from .selection.targets import tuner_of
-        from .tuner.model import target_parameters
+        from .tuner.targets import targets, tuner_of
 
         tuner = tuner_of(model)
         adapter = tuner.active_adapters[0]
         counts = tuner.peft_config[adapter].counts or {}
-        numels = {name: p.numel() for name, p in target_parameters(tuner, adapter).items()}
+        numels = {t.name: t.param.numel() for t in targets(tuner, adapter)}
         plot_selection_heatmap(counts, numels, out_dir / "selection_heatmap.png",
                                title=f"{settings.task}: {settings.method}, p={settings.sparsity}")
 

@@ -1,5 +1,6 @@
-"""The architecture holds: the core (tuner, selection, storage) imports nothing from the outer ring, no two
-modules import each other (no import cycle at all), and importing sam_peft changes nothing for other peft methods."""
+"""The architecture holds: every package imports only the layers below it (the rank table), the core imports
+nothing from the outer ring, no two modules import each other (no import cycle at all), and importing sam_peft
+changes nothing for other peft methods."""
 
 from __future__ import annotations
 
@@ -10,7 +11,28 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sam_peft"
-CORE = ("sam_peft.tuner", "sam_peft.selection", "sam_peft.storage", "sam_peft.errors")
+CORE = ("sam_peft.errors", "sam_peft.parallel", "sam_peft.storage", "sam_peft.ranking", "sam_peft.tuner",
+        "sam_peft.burnin", "sam_peft.deltas")
+# The layers, bottom up: a package may import its own modules and packages of a lower rank only (imports inside
+# functions included). Packages of one rank are independent of each other.
+RANKS = {
+    "errors": 0,  # the exception hierarchy
+    "parallel": 1,  # process groups, DTensor shards, DDP / FSDP2 internals
+    "storage": 2,  # state-dict keys, base identity, validation, atomic safetensors I/O
+    "ranking": 3,  # signals, budgets, exact top-k (local and across shards)
+    "tuner": 4,  # the peft tuner: config, ops, layers, targets, model, registration
+    "burnin": 5,  # select_parameters and SAMCallback
+    "deltas": 5,  # SparseDelta, packing, adapter directories
+    "baselines": 6,
+    "tasks": 6,
+    "plots": 6,
+    "methods": 7,
+    "evaluation": 7,
+    "training": 8,
+    "bench": 9,
+    "cli": 10,
+    "": 11,  # sam_peft/__init__.py: the public API
+}
 
 
 def _module_name(path: Path) -> str:
@@ -53,6 +75,22 @@ def import_graph() -> dict[str, set[str]]:
 
 def _is_core(module: str) -> bool:
     return module == "sam_peft.errors" or module.startswith(tuple(c + "." for c in CORE)) or module in CORE
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_every_package_has_a_rank():
+    assert {_package(m) for m in import_graph()} == set(RANKS)
+
+
+def test_packages_import_only_lower_layers():
+    graph = import_graph()
+    upward = sorted(f"{m} -> {e}" for m, edges in graph.items() for e in edges
+                    if _package(e) != _package(m) and RANKS[_package(e)] >= RANKS[_package(m)])
+    assert not upward, upward
 
 
 def test_the_core_never_imports_the_outer_ring():

@@ -265,7 +265,7 @@ def test_inspect_of_bitfit_counts_what_it_tunes(tmp_path, data_dir, tiny_model, 
 
 def test_a_lora_directory_is_not_read_as_a_sparse_delta(runs):
     from sam_peft import DeltaFileError
-    from sam_peft.storage.adapter_dir import adapter_summary, delta_from_adapter_dir
+    from sam_peft.deltas.adapter_dir import adapter_summary, delta_from_adapter_dir
 
     for read in (delta_from_adapter_dir, adapter_summary):
         with pytest.raises(DeltaFileError, match="type LORA, not a sam-peft sparse delta"):

@@ -31,7 +31,8 @@ from safetensors import safe_open
 from transformers import BertForMaskedLM, GPT2LMHeadModel
 
 import sam_peft
-from sam_peft.selection.topk import topk_global, topk_per_tensor
+from sam_peft.ranking.budget import Budget
+from sam_peft.ranking.topk import top_entries
 from sam_peft.tuner.ops import (
     BlockStructure,
     DeltaSlot,
@@ -714,7 +715,7 @@ def test_delta_written_follows_the_weight_and_restores_on_error():
     weight = torch.arange(12, dtype=torch.float32).view(3, 4)
     indices = torch.tensor([1, 6, 11])
     slot = DeltaSlot.build(weight, indices, threading.Lock())
-    written = slot.entries(torch.tensor([0.5, 0.5, 0.5]))
+    written = slot.written(torch.tensor([0.5, 0.5, 0.5]))
     with pytest.raises(RuntimeError, match="inside"):
         with delta_written(slot, written):
             assert weight.view(-1)[indices].tolist() == [1.5, 6.5, 11.5]
@@ -999,11 +1000,19 @@ def _tied_scores(seed: int) -> list[tuple[str, torch.Tensor]]:
     return named
 
 
+def topk_global(named, k):
+    return top_entries(named, Budget((0,) * len(named), (k,)))
+
+
+def topk_per_tensor(named, counts):
+    return top_entries(named, Budget(tuple(range(len(named))), tuple(counts[n] for n, _ in named)))
+
+
 @pytest.mark.parametrize("chunk", [None, 4], ids=["one-chunk", "chunked"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_topk_global_matches_stable_sort(seed, chunk, monkeypatch):
     if chunk is not None:
-        monkeypatch.setattr(sam_peft.selection.topk, "CHUNK", chunk)
+        monkeypatch.setattr(sam_peft.ranking.topk, "CHUNK", chunk)
     named = _tied_scores(seed)
     total = sum(s.numel() for _, s in named)
     for k in range(total + 1):

@@ -15,8 +15,8 @@ from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 import sam_peft
-from sam_peft.selection.targets import tuner_of
 from sam_peft.tuner.layer import SparseDiffLayer
+from sam_peft.tuner.targets import tuner_of
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 64

@@ -16,8 +16,9 @@ from peft import PeftModel
 from safetensors import safe_open
 
 import sam_peft
-from sam_peft.selection.distributed import Shard, topk_sharded
-from sam_peft.selection.topk import topk_global, topk_per_tensor
+from sam_peft.parallel.collectives import Shard
+from sam_peft.ranking.budget import Budget
+from sam_peft.ranking.topk import radix_select, top_entries
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distributed_worker as w  # noqa: E402
@@ -123,12 +124,13 @@ def test_sharded_topk_equals_one_process_topk(seed):
     tensors[1][:10] = -0.0  # -0.0 and 0.0 tie
     named = [(str(i), x) for i, x in enumerate(tensors)]
     for k in (0, 1, 5, 37, 100, sum(x.numel() for x in tensors)):
-        expected = topk_global(named, k)
-        got = topk_sharded([Shard(x, 0, x.numel()) for x in tensors], [0] * len(tensors), [k])
+        expected = top_entries(named, Budget((0,) * len(tensors), (k,)))
+        got = radix_select([Shard(x, 0, x.numel()) for x in tensors], Budget((0,) * len(tensors), (k,)))
         assert all(torch.equal(got[i], expected[str(i)]) for i in range(len(tensors)))
     counts = {str(i): x.numel() // 3 for i, x in enumerate(tensors)}
-    expected = topk_per_tensor(named, counts)
-    got = topk_sharded([Shard(x, 0, x.numel()) for x in tensors], range(len(tensors)), list(counts.values()))
+    per_tensor = Budget(tuple(range(len(tensors))), tuple(counts.values()))
+    expected = top_entries(named, per_tensor)
+    got = radix_select([Shard(x, 0, x.numel()) for x in tensors], per_tensor)
     assert all(torch.equal(got[i], expected[str(i)]) for i in range(len(tensors)))
 
 
@@ -195,7 +197,7 @@ def test_trainer_with_accelerate_fsdp2_on_gpu(base, tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:]
     result = torch.load(out, weights_only=False)
     k = sum(i.numel() for i in result["selected"].values())
-    assert k == result["k"] == sam_peft.selection.budget.per_tensor_budget(0.02, sum(
+    assert k == result["k"] == sam_peft.ranking.budget.entry_budget(0.02, sum(
         p.numel() for _, p in tuned_params(base)))
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "fsdp-trainer-saved"))
     assert_same_indices(sam_peft.selected_indices(loaded), result["selected"])

@@ -40,7 +40,7 @@ from saved_files import (
 )
 
 import sam_peft
-from sam_peft.storage.delta import METADATA_KEYS
+from sam_peft.deltas.delta import METADATA_KEYS
 from sam_peft.storage.io import CHECKSUM_KEY
 
 FUZZ = settings(

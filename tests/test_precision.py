@@ -190,19 +190,19 @@ def test_trainer_bf16_with_sam_callback_changes_only_selected_entries(tmp_path):
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (16, 12), generator=generator)]
     seen = []
     sam_callback = sam_peft.SAMCallback(burn_in_steps=2, progress=False)
-    real_select = sam_peft.selection.callback.select_parameters
+    real_select = sam_peft.burnin.callback.select_parameters
 
     def recording_select(*args, **kwargs):
         seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
         return real_select(*args, **kwargs)
 
-    sam_peft.selection.callback.select_parameters = recording_select
+    sam_peft.burnin.callback.select_parameters = recording_select
     try:
         args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, bf16=True,
                                  use_cpu=True, learning_rate=1e-2, report_to=[], save_strategy="no")
         Trainer(model=model, args=args, train_dataset=data, callbacks=[sam_callback]).train()
     finally:
-        sam_peft.selection.callback.select_parameters = real_select
+        sam_peft.burnin.callback.select_parameters = real_select
     assert seen == [(True, torch.bfloat16)], "the burn-in runs under the training autocast"
     values = {n: p for n, p in model.named_parameters() if "sparsediff_values" in n and p.numel()}
     assert values and all(p.dtype == torch.float32 for p in values.values())

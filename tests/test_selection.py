@@ -18,8 +18,8 @@ from peft import get_peft_model
 from safetensors import safe_open
 
 import sam_peft
-from sam_peft.selection.budget import per_tensor_budget
-from sam_peft.selection.targets import targets
+from sam_peft.ranking.budget import entry_budget
+from sam_peft.tuner.targets import targets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPARSITY = 0.02
@@ -79,10 +79,10 @@ def stable_top(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def reference_selection(scores: dict[str, torch.Tensor], allocation: str) -> dict[str, torch.Tensor]:
     if allocation == "per_tensor":
-        return {n: stable_top(s, per_tensor_budget(SPARSITY, s.numel())) for n, s in scores.items()}
+        return {n: stable_top(s, entry_budget(SPARSITY, s.numel())) for n, s in scores.items()}
     names = list(scores)
     flat = torch.cat([scores[n].reshape(-1) for n in names])
-    top = stable_top(flat, per_tensor_budget(SPARSITY, flat.numel()))
+    top = stable_top(flat, entry_budget(SPARSITY, flat.numel()))
     out, start = {}, 0
     for n in names:
         size = scores[n].numel()
@@ -131,9 +131,9 @@ def test_selection_matches_plain_torch_reference(base, batches, kind):
         assert report.selection == kind
         total = sum(s.numel() for s in scores.values())
         if allocation == "per_tensor":
-            assert report.selected == sum(per_tensor_budget(SPARSITY, s.numel()) for s in scores.values())
+            assert report.selected == sum(entry_budget(SPARSITY, s.numel()) for s in scores.values())
         else:
-            assert report.selected == per_tensor_budget(SPARSITY, total)
+            assert report.selected == entry_budget(SPARSITY, total)
         assert report.total == total
 
 
@@ -169,9 +169,9 @@ def test_sam_hessian_selects_budget(batches, allocation, attention):
         assert idx.numel() == 0 or (int(idx.min()) >= 0 and int(idx.max()) < numels[name])
         assert idx.numel() < 2 or bool((idx[1:] > idx[:-1]).all())
         if allocation == "per_tensor":
-            assert idx.numel() == per_tensor_budget(SPARSITY, numels[name])
+            assert idx.numel() == entry_budget(SPARSITY, numels[name])
     if allocation == "global":
-        assert report.selected == per_tensor_budget(SPARSITY, sum(numels.values()))
+        assert report.selected == entry_budget(SPARSITY, sum(numels.values()))
     assert all(math.isfinite(v) for v in report.score_summary.values())
     assert model.peft_config["default"].selection == "sam_hessian"
 
@@ -369,10 +369,10 @@ def test_random_selection_is_seeded(base):
     assert_same_indices(again, first)
     assert any(not torch.equal(first[n], other[n]) for n in first)
     for name, p in tuned_params(base):
-        assert first[name].numel() == other[name].numel() == per_tensor_budget(SPARSITY, p.numel())
+        assert first[name].numel() == other[name].numel() == entry_budget(SPARSITY, p.numel())
     glob = sam_peft.selected_indices(peft_model(base, selection="random", seed=3, allocation="global"))
     total = sum(p.numel() for _, p in tuned_params(base))
-    assert sum(i.numel() for i in glob.values()) == per_tensor_budget(SPARSITY, total)
+    assert sum(i.numel() for i in glob.values()) == entry_budget(SPARSITY, total)
 
 
 def test_bitfit_selects_every_bias(base):
@@ -542,9 +542,9 @@ def test_trainer_global_allocation_trains_selected_values(base, tmp_path):
 
     config = model.peft_config["default"]
     total = sum(p.numel() for _, p in tuned_params(base))
-    assert sum(config.counts.values()) == per_tensor_budget(SPARSITY, total)
+    assert sum(config.counts.values()) == entry_budget(SPARSITY, total)
     values = value_params(model)
-    assert sum(v.numel() for v in values.values()) == per_tensor_budget(SPARSITY, total)
+    assert sum(v.numel() for v in values.values()) == entry_budget(SPARSITY, total)
     nonzero = sum(int(torch.count_nonzero(v)) for v in values.values())
     assert nonzero > 0  # the optimizer trained the entries installed after it was built
     merged = copy.deepcopy(model).merge_and_unload()
@@ -614,7 +614,7 @@ def test_sam_hessian_with_a_parameter_the_loss_does_not_use():
 
 
 def test_saving_a_delta_without_shapes_says_why(tmp_path):
-    from sam_peft.storage.adapter_dir import delta_from_adapter_dir
+    from sam_peft.deltas.adapter_dir import delta_from_adapter_dir
 
     model = conftest.sam_model()
     sam_peft.select_parameters(model, conftest.make_batches(2), progress=False)

@@ -10,7 +10,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 import sam_peft
-from sam_peft.tuner.entries import install
+from sam_peft.tuner.install import install
 
 
 class MLP(nn.Module):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..selection.budget import per_tensor_budget
-from ..selection.topk import topk_per_tensor
+from ..ranking.budget import budget
+from ..ranking.topk import top_entries
 
 HEAD_MODULES = ("classifier", "score")
 
@@ -28,12 +28,11 @@ def body_parameters(model: nn.Module, head_modules: tuple[str, ...] = HEAD_MODUL
 def top_fraction_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
     """A boolean mask (shape of `scores`) of the floor(fraction·numel) largest scores.
 
-    The same budget and exact top-k as SAM's selection (`sam_peft.selection.budget`, `.topk`): among equal
+    The same budget and exact top-k as SAM's selection (`sam_peft.ranking.budget`, `.topk`): among equal
     scores the lower flat index wins, and non-finite scores are refused.
     """
-    k = per_tensor_budget(fraction, scores.numel())
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    mask[topk_per_tensor([("scores", scores)], {"scores": k})["scores"]] = True
+    mask[top_entries([("scores", scores)], budget(fraction, "per_tensor", [scores.numel()]))["scores"]] = True
     return mask.view_as(scores)
 
 

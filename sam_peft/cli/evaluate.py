@@ -82,8 +82,8 @@ def loaded(artifact: Artifact, task, model_path: str, bases: dict):
     from peft import PeftModel
 
     from ..baselines import adapters  # noqa: F401  (registers the bottleneck and unified adapter types)
-    from ..storage.adapter_dir import delta_from_adapter_dir
-    from ..storage.packing import pack_parameters
+    from ..deltas.adapter_dir import delta_from_adapter_dir
+    from ..deltas.packing import pack_parameters
     from ..training import load_base_model
 
     if artifact.kind == SPARSE_DELTA:

@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..storage.adapter_dir import adapter_summary
+    from ..deltas.adapter_dir import adapter_summary
 
     artifact = identify(args.directory)
     if artifact.kind != SPARSE_DELTA:

@@ -1,1 +1,1 @@
-"""Files and identity: base fingerprints, validation, safetensors I/O, `SparseDelta`, packing, adapter directories."""
+"""Files and identity: state-dict keys, base fingerprints, validation of what is read, atomic safetensors I/O."""

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..errors import BaseModelMismatchError
+
+logger = logging.getLogger(__name__)
 
 SAMPLES_PER_TENSOR = 4096
 FORMAT_VERSION = 1  # adapter format written by this sam-peft; newer versions are refused on load
@@ -71,3 +78,55 @@ def identity_metadata(config: Any) -> dict[str, str]:
         "sparsity": repr(get("sparsity")),
         "counts": json.dumps(get("counts") or {}, sort_keys=True),
     }
+
+
+@dataclass(frozen=True)
+class BaseIdentity:
+    """What a delta records about its base: the architecture (class name), a digest of the targeted parameters'
+    names and shapes, and a fingerprint of their weights; None where unknown."""
+
+    architecture: str | None = None
+    shapes_digest: str | None = None
+    fingerprint: str | None = None
+
+    @classmethod
+    def recorded_in(cls, source: Any) -> BaseIdentity:
+        """The identity in an adapter config (object or dict) or a file's metadata (empty strings are unknown)."""
+        get = source.get if isinstance(source, Mapping) else lambda key: getattr(source, key, None)
+        return cls(get("base_architecture") or None, get("base_shapes_digest") or None,
+                   get("base_fingerprint") or None)
+
+
+def check_same_base(recorded: BaseIdentity, architecture: str, fingerprint: Callable[[], str | None], what: str, *,
+                    shapes: str | None = None, verify_fingerprint: bool = True) -> None:
+    """Refuse a delta recorded on another base, with one rule for adapters and `SparseDelta` files alike.
+
+    Another architecture or other parameter names and shapes are always refused (`shapes`: the digest of the
+    model's targeted names and shapes, compared with the recorded one; None when the caller has compared every
+    shape itself). Other weights (`fingerprint()`, computed only when needed; None: not comparable, e.g. on the
+    meta device) are refused unless `verify_fingerprint` is False or SAM_PEFT_ALLOW_FINGERPRINT_MISMATCH=1, which
+    applies the delta with a warning, and only where the shapes are known to match.
+    """
+    if recorded.architecture and recorded.architecture != architecture:
+        raise BaseModelMismatchError(f"{what} was recorded on a {recorded.architecture}, but the model is a "
+                                     f"{architecture}; load it on the base model it was trained on.")
+    if recorded.shapes_digest and shapes is not None and recorded.shapes_digest != shapes:
+        raise BaseModelMismatchError(
+            f"{what} was recorded on base parameters of other names or shapes than this model's (a different model "
+            "size or configuration); load it on the base model it was trained on."
+        )
+    if not (verify_fingerprint and recorded.fingerprint):
+        return
+    actual = fingerprint()
+    if actual is None or actual == recorded.fingerprint:
+        return
+    message = (f"{what} was recorded on base weights with fingerprint {recorded.fingerprint}, but this model's "
+               f"targeted weights have fingerprint {actual}: it is not the same checkpoint. Load the base it was "
+               f"trained on, or set {ALLOW_MISMATCH_ENV}=1 to apply it anyway (shapes must still match).")
+    if os.environ.get(ALLOW_MISMATCH_ENV) != "1":
+        raise BaseModelMismatchError(message)
+    if shapes is not None and not recorded.shapes_digest:
+        raise BaseModelMismatchError(f"{what} records no digest of its base's parameter shapes, so they cannot be "
+                                     f"checked; {ALLOW_MISMATCH_ENV} is not honoured without it. Re-save it with "
+                                     "this sam-peft.")
+    logger.warning(message)

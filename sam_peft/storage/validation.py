@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..errors import DeltaFileError
+from .keys import is_delta_key
 
 
 def index_dtype(numel: int) -> torch.dtype:
@@ -13,11 +14,11 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
-def check_dense_entries(model: nn.Module, state_dict: dict) -> None:
+def check_dense_tensors(model: nn.Module, state_dict: dict) -> None:
     """Refuse dense adapter tensors (the modules_to_save head) of the wrong shape or dtype, or non-finite."""
     expected = model.state_dict()
     for key, tensor in state_dict.items():
-        if ".sparsediff_" in key or key not in expected:
+        if is_delta_key(key) or key not in expected:
             continue
         target = expected[key]
         if tensor.shape != target.shape:

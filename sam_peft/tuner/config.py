@@ -11,15 +11,14 @@ from dataclasses import dataclass, field
 from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
-from ..errors import ConfigError
-from ..selection.scores import DATA_FREE_SELECTIONS, SELECTIONS
+from ..errors import ConfigError, NotSelectedError
+from ..ranking.budget import ALLOCATIONS
+from ..ranking.signals import DATA_FREE_SELECTIONS, SELECTIONS, signal_named
 from ..storage.identity import FORMAT_VERSION, identity_metadata
 from ..storage.io import load_safetensors_checked, reseal_safetensors, write_text_atomic
 from .peft_type import PEFT_TYPE
 
 logger = logging.getLogger(__name__)
-
-ALLOCATIONS = ("per_tensor", "global")
 
 
 @dataclass
@@ -113,8 +112,7 @@ class SparseDiffConfig(PeftConfig):
                 "sparsity=%s tunes %.0f %% of the targeted parameters. sam-peft's sparsity is the fraction "
                 "tuned (peft's Supertuning uses the opposite convention); %s", p, 100 * p, hint,
             )
-        if self.selection not in SELECTIONS:
-            raise ConfigError(f"selection={self.selection!r} is unknown; choose one of {list(SELECTIONS)}.")
+        signal_named(self.selection)
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"allocation={self.allocation!r} is unknown; choose one of {list(ALLOCATIONS)}.")
         if isinstance(self.format_version, bool) or not isinstance(self.format_version, int):
@@ -161,6 +159,21 @@ class SparseDiffConfig(PeftConfig):
     def is_data_free(self) -> bool:
         """Whether the selection needs no data (it is made when the adapter is created)."""
         return self.selection in DATA_FREE_SELECTIONS
+
+    @property
+    def is_selected(self) -> bool:
+        """Whether the entries are chosen (until then the layers hold placeholders sized by the budget)."""
+        return self.counts is not None
+
+    def require_selected(self, adapter_name: str, before: str) -> None:
+        """Raise `NotSelectedError` for a data-driven adapter whose entries are still placeholders."""
+        if self.is_selected or self.is_data_free:
+            return
+        raise NotSelectedError(
+            f"adapter '{adapter_name}' uses selection='{self.selection}' and has not been selected: its entries are "
+            "placeholder entries. Run sam_peft.select_parameters(model, dataloader), or train with "
+            f"callbacks=[sam_peft.SAMCallback()] selecting this adapter, before {before}."
+        )
 
     def to_dict(self) -> dict:
         """Serialisable dict (sets become sorted lists so the JSON file is stable)."""

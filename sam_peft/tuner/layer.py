@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,9 +19,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
 
-from ..selection.budget import default_count
+from ..ranking.budget import placeholder_count
+from ..ranking.signals import SIGNALS
 from ..storage.validation import index_dtype
-from .ops import add_rounded_once, compose, tensor_version, write_entries
+from .ops import add_rounded_once, compose, tensor_version, write_at
 
 VALUES_DTYPE = torch.float32
 
@@ -93,10 +93,11 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         values, indices = nn.ParameterDict(), BufferDict(persistent=True)
         for name, param in self.tuned_parameters().items():
             full_name = f"{self.module_key}.{name}"
-            if config.counts is not None:
+            if config.is_selected:
                 count = int(config.counts.get(full_name, 0))
             else:
-                count = default_count(config, param)
+                count = placeholder_count(config.sparsity, config.allocation, SIGNALS[config.selection].budgeted,
+                                          param.numel())
             values[name] = nn.Parameter(torch.zeros(count, dtype=VALUES_DTYPE, device=param.device))
             indices[name] = torch.arange(count, dtype=index_dtype(param.numel()), device=param.device)
         self.sparsediff_values[adapter_name] = values
@@ -133,8 +134,16 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         self._build_structures()
 
     def _build_structures(self) -> None:
-        """Build what a forward of the active adapters derives from their indices (layers with a fast path
-        override this)."""
+        """Build what a forward of the active adapters derives from their indices, so that a graph compiled later
+        finds it: here the union of several adapters' indices (layers with a fast path add their structures)."""
+        active = self._active_with_entries()
+        if len(active) < 2:
+            return
+        for name, param in self.tuned_parameters().items():
+            indices = [self.sparsediff_indices[a][name] for a in active if name in self.sparsediff_indices[a]]
+            if all(i.device.type != "meta" and (i.numel() == 0 or bool((i.min() >= 0) & (i.max() < param.numel())))
+                   for i in indices):
+                self._delta(active, name)
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_names, inference_mode=inference_mode)
@@ -182,7 +191,8 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         return result
 
     def _delta(self, adapters: list[str], name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Concatenated (int64 indices, values) of the active adapters for one parameter, or None if empty."""
+        """(unique int64 indices, values) of the active adapters' delta on one parameter, or None if empty; several
+        adapters' values are summed in fp32 where their indices meet (θ0 + Δ is then rounded once, as for one)."""
         parts = [
             (self.sparsediff_indices[a][name], self.sparsediff_values[a][name])
             for a in adapters
@@ -191,16 +201,19 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         ]
         if not parts:
             return None
-        if torch.compiler.is_compiling():  # a graph recomputes the int64 indices (O(k)) rather than caching them
-            indices = torch.cat([i for i, _ in parts]).long()
-        else:
-            indices = self._cached(
-                ("idx", tuple(adapters), name),
-                lambda: tuple((tensor_version(idx), idx.data_ptr(), idx.numel()) for idx, _ in parts),
-                lambda: torch.cat([i for i, _ in parts]).long(),
-            )
-        values = parts[0][1] if len(parts) == 1 else torch.cat([v for _, v in parts])
-        return indices, values
+        if len(parts) == 1:
+            indices, values = parts[0]
+            if torch.compiler.is_compiling():  # a graph recomputes the int64 indices (O(k)) rather than caching them
+                return indices.long(), values
+            version = (tensor_version(indices), indices.data_ptr(), indices.numel())
+            return self._cached(("idx", tuple(adapters), name), lambda: version, lambda: indices.long()), values
+        union, inverse = self._cached(
+            ("union", tuple(adapters), name),
+            lambda: tuple((tensor_version(idx), idx.data_ptr(), idx.numel()) for idx, _ in parts),
+            lambda: torch.unique(torch.cat([i for i, _ in parts]).long(), sorted=True, return_inverse=True),
+        )
+        summed = torch.zeros(union.numel(), dtype=VALUES_DTYPE, device=union.device)
+        return union, summed.index_add(0, inverse, torch.cat([v for _, v in parts]).to(VALUES_DTYPE))
 
     # ----------------------------------------------------------------- forward
     def _active_with_entries(self) -> list[str]:
@@ -257,7 +270,7 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
                 continue
             for name, (indices, values) in self.entries(adapter).items():
                 flat = base_params[name].data.reshape(-1)
-                merged = add_rounded_once(flat.index_select(0, indices.long()), values)
+                merged = add_rounded_once(flat.index_select(0, indices.long()), values.detach())
                 if not torch.isfinite(merged).all():
                     raise ValueError(
                         f"Merging adapter '{adapter}' into {self.module_key}.{name} gives non-finite values "
@@ -281,7 +294,7 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
                 for name, (indices, values) in self.entries(adapter).items():
                     idx = indices.long()
                     backup[name] = base_params[name].data.reshape(-1).index_select(0, idx)
-                    write_entries(base_params[name], idx, add_rounded_once(backup[name], values))
+                    write_at(base_params[name], idx, add_rounded_once(backup[name], values))
                     torch.autograd.graph.increment_version(base_params[name])  # cached θ0 is stale now
             self._merge_backup[adapter] = backup
             self.merged_adapters.append(adapter)
@@ -298,7 +311,7 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
             with torch.no_grad():
                 for name, saved in backup.items():
                     indices = self.sparsediff_indices[adapter][name].long()
-                    write_entries(base_params[name], indices, saved)
+                    write_at(base_params[name], indices, saved)
                     torch.autograd.graph.increment_version(base_params[name])
 
 
@@ -315,26 +328,3 @@ def _features(module: nn.Module) -> tuple[int | None, int | None]:
 
 def _entries_changed(module: SparseDiffLayer, incompatible_keys: Any) -> None:
     module.invalidate_caches()
-
-
-@dataclass(frozen=True)
-class Target:
-    """One targeted base parameter: its name in the base model, the layer wrapping it and its own name there."""
-
-    name: str
-    layer: SparseDiffLayer
-    attr: str
-
-    @property
-    def param(self) -> nn.Parameter:
-        return own_parameters(self.layer.get_base_layer())[self.attr]
-
-
-def tuner_targets(root: nn.Module, adapter_name: str) -> list[Target]:
-    """The base parameters that carry a delta of `adapter_name` under `root`, in module order."""
-    return [
-        Target(f"{module.module_key}.{attr}", module, attr)
-        for module in root.modules()
-        if isinstance(module, SparseDiffLayer) and adapter_name in module.sparsediff_values
-        for attr in module.sparsediff_values[adapter_name]
-    ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -12,14 +11,16 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from ..errors import BaseModelMismatchError, ConfigError, DeltaFileError, NotSelectedError
-from ..selection.distributed import is_sharded
-from ..storage.identity import ALLOW_MISMATCH_ENV, architecture_of, shapes_digest, weights_fingerprint
-from ..storage.validation import check_dense_entries, check_entries, index_dtype
+from ..errors import ConfigError, DeltaFileError
+from ..parallel.collectives import is_sharded
+from ..storage.identity import BaseIdentity, architecture_of, check_same_base, shapes_digest, weights_fingerprint
+from ..storage.keys import delta_key, is_delta_key
+from ..storage.validation import check_dense_tensors, check_entries, index_dtype
 from .config import SparseDiffConfig
-from .entries import select_data_free, sync_trainable
-from .layer import SparseDiffLayer, own_parameters, tuner_targets
+from .install import select_data_free, sync_trainable
+from .layer import SparseDiffLayer, own_parameters
 from .peft_type import PREFIX
+from .targets import targets
 from .weight_layers import layer_class_for
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class SparseDiffModel(BaseTuner):
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         config = self.peft_config[adapter_name]
         check_base_identity(self, config, adapter_name)
-        if config.counts is None and config.is_data_free:
+        if not config.is_selected and config.is_data_free:
             select_data_free(self, adapter_name)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
@@ -100,16 +101,10 @@ class SparseDiffModel(BaseTuner):
     def _refuse_unselected_training(self) -> None:
         for name in self.active_adapters:
             config = self.peft_config[name]
-            if config.counts is not None or config.is_data_free or config.inference_mode:
+            if config.is_selected or config.inference_mode:
                 continue
-            if any(not layer.disable_adapters and any(v.requires_grad for v in layer.sparsediff_values[name].values())
-                   for layer in self.model.modules()
-                   if isinstance(layer, SparseDiffLayer) and name in layer.sparsediff_values):
-                raise NotSelectedError(
-                    f"adapter '{name}' uses selection='{config.selection}' and its entries have not been selected, "
-                    "so training it would tune placeholder entries. Run sam_peft.select_parameters(model, "
-                    "dataloader) first, or train with callbacks=[sam_peft.SAMCallback()] (selecting this adapter)."
-                )
+            if any(not t.layer.disable_adapters and t.values.requires_grad for t in targets(self, name)):
+                config.require_selected(name, "training it")
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
@@ -142,14 +137,9 @@ class SparseDiffModel(BaseTuner):
         adapter's entries and the dense head (`modules_to_save`) is all-gathered here, in the same order on every
         rank; the base weights are left sharded (they are not saved).
         """
-        if config.counts is None and not config.is_data_free:
-            raise NotSelectedError(
-                f"adapter '{adapter_name}' uses selection='{config.selection}' and has not been selected: its "
-                "entries are placeholders, and a model loaded from them would take them as selected. Run "
-                "sam_peft.select_parameters(model, dataloader) (or train with SAMCallback) before saving."
-            )
+        config.require_selected(adapter_name, "saving it (a model loaded from placeholders takes them as selected)")
         for key, value in list(state_dict.items()):
-            if is_sharded(value) and (f".{PREFIX}" in key or ".modules_to_save." in key):
+            if is_sharded(value) and (is_delta_key(key) or ".modules_to_save." in key):
                 state_dict[key] = value.full_tensor()
         return super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
 
@@ -245,62 +235,31 @@ def candidate_modules(model: nn.Module) -> tuple[set[str], set[int]]:
 
 
 # --------------------------------------------------------------------------- identity
-def target_parameters(tuner, adapter_name: str) -> dict[str, torch.Tensor]:
-    """{base parameter name: parameter} of the adapter's targets."""
-    return {t.name: t.param for t in tuner_targets(tuner.model, adapter_name)}
-
-
-def base_identity(tuner, adapter_name: str) -> dict[str, str | None]:
-    """Architecture, fingerprint of the adapter's targeted base weights (None on the meta device), and a
-    digest of their names and shapes."""
-    params = target_parameters(tuner, adapter_name)
+def base_identity(tuner, adapter_name: str) -> BaseIdentity:
+    """Architecture, digest of the names and shapes, and fingerprint (None on the meta device) of the adapter's
+    targeted base weights."""
+    params = {t.name: t.param for t in targets(tuner, adapter_name)}
     on_meta = any(p.device.type == "meta" for p in params.values())
-    return {
-        "base_architecture": architecture_of(tuner.model),
-        "base_fingerprint": None if on_meta else weights_fingerprint(params),
-        "base_shapes_digest": shapes_digest({n: list(p.shape) for n, p in params.items()}),
-    }
+    return BaseIdentity(architecture_of(tuner.model), shapes_digest({n: list(p.shape) for n, p in params.items()}),
+                        None if on_meta else weights_fingerprint(params))
 
 
 def check_base_identity(tuner, config: SparseDiffConfig, adapter_name: str) -> None:
-    """Record the base identity in a new config, or refuse a config recorded on another base."""
+    """Record the base identity in a new config, or refuse a config recorded on another base (`check_same_base`;
+    the weights are not compared while another adapter is merged into them)."""
     merged = any(isinstance(m, SparseDiffLayer) and m.merged for m in tuner.model.modules())
     identity = base_identity(tuner, adapter_name)
-    if config.base_fingerprint is None and config.base_shapes_digest is None:
+    recorded = BaseIdentity.recorded_in(config)
+    if recorded.fingerprint is None and recorded.shapes_digest is None:
         if merged:
             logger.warning("Adapter '%s' is added while another is merged: its fingerprint includes that delta.",
                            adapter_name)
-        config.base_architecture = identity["base_architecture"]
-        config.base_fingerprint = identity["base_fingerprint"]
-        config.base_shapes_digest = identity["base_shapes_digest"]
+        config.base_architecture = identity.architecture
+        config.base_fingerprint = identity.fingerprint
+        config.base_shapes_digest = identity.shapes_digest
         return
-    if config.base_architecture and config.base_architecture != identity["base_architecture"]:
-        raise BaseModelMismatchError(
-            f"adapter '{adapter_name}' was recorded on a {config.base_architecture}, but the model is a "
-            f"{identity['base_architecture']}; load it on the base model it was trained on."
-        )
-    if config.base_shapes_digest and config.base_shapes_digest != identity["base_shapes_digest"]:
-        raise BaseModelMismatchError(
-            f"adapter '{adapter_name}' was recorded on base parameters of other names or shapes than this "
-            "model's (a different model size or configuration); load it on the base model it was trained on."
-        )
-    if identity["base_fingerprint"] is None:
-        return  # weights on the meta device: nothing to compare yet
-    if config.base_fingerprint and config.base_fingerprint != identity["base_fingerprint"] and not merged:
-        message = (
-            f"adapter '{adapter_name}' was recorded on base weights with fingerprint {config.base_fingerprint}, "
-            f"but this model's targeted weights have fingerprint {identity['base_fingerprint']}: it is not "
-            "the same checkpoint. Load the base the adapter was trained on, or set "
-            f"{ALLOW_MISMATCH_ENV}=1 to apply it anyway (shapes must still match)."
-        )
-        if os.environ.get(ALLOW_MISMATCH_ENV) != "1":
-            raise BaseModelMismatchError(message)
-        if not config.base_shapes_digest:
-            raise BaseModelMismatchError(
-                f"adapter '{adapter_name}' records no digest of its base's parameter shapes, so they cannot be "
-                f"checked; {ALLOW_MISMATCH_ENV} is not honoured without it. Re-save the adapter with this sam-peft."
-            )
-        logger.warning(message)
+    check_same_base(recorded, identity.architecture, lambda: identity.fingerprint, f"adapter '{adapter_name}'",
+                    shapes=identity.shapes_digest, verify_fingerprint=not merged)
 
 
 # --------------------------------------------------------------------------- loading checks
@@ -311,14 +270,13 @@ def load_entries(model: nn.Module, config: SparseDiffConfig, adapter_name: str, 
     unsorted or duplicated, non-finite values, or counts that disagree with the adapter config.
     """
     counts = {}
-    for module in model.modules():
+    for prefix, module in model.named_modules():  # one walk: the state-dict prefix of every layer
         if not isinstance(module, SparseDiffLayer) or adapter_name not in module.sparsediff_values:
             continue
-        prefix = _state_key_prefix(model, module)
         for attr, param in module.tuned_parameters().items():
             name = f"{module.module_key}.{attr}"
-            idx_key = f"{prefix}.sparsediff_indices.{adapter_name}.{attr}"
-            val_key = f"{prefix}.sparsediff_values.{adapter_name}.{attr}"
+            idx_key = delta_key(prefix, "indices", adapter_name, attr)
+            val_key = delta_key(prefix, "values", adapter_name, attr)
             if idx_key not in state_dict or val_key not in state_dict:
                 raise DeltaFileError(
                     f"the adapter file has no delta for '{name}' (expected both indices and values); it is "
@@ -326,7 +284,7 @@ def load_entries(model: nn.Module, config: SparseDiffConfig, adapter_name: str, 
                 )
             indices, values = state_dict[idx_key], state_dict[val_key]
             check_entries(name, indices, values, param.numel())
-            expected = None if config.counts is None else config.counts.get(name, 0)
+            expected = config.counts.get(name, 0) if config.is_selected else None
             if expected is not None and expected != indices.numel():
                 raise DeltaFileError(
                     f"'{name}' has {indices.numel()} entries in the file but {expected} in the adapter config: "
@@ -341,12 +299,5 @@ def load_entries(model: nn.Module, config: SparseDiffConfig, adapter_name: str, 
                 module.set_entries(adapter_name, attr, state_dict[idx_key].long())
             if indices.numel() == 0:  # as after a selection (`sync_trainable`): an optimizer built now omits it
                 module.sparsediff_values[adapter_name][attr].requires_grad_(False)
-    check_dense_entries(model, state_dict)
+    check_dense_tensors(model, state_dict)
     config.counts = counts
-
-
-def _state_key_prefix(model: nn.Module, layer: nn.Module) -> str:
-    for name, module in model.named_modules():
-        if module is layer:
-            return name
-    raise RuntimeError("layer not found in model")

@@ -28,9 +28,22 @@ _RESTRICT_BELOW = 0.9
 _ALIGN = 16
 
 
+def add_rounded_once(theta0: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """θ0 + values, added in fp32 (or wider) and rounded once to θ0's dtype: the one rule by which every path forms
+    the tuned weights (the written-in kernels, the generic layer, the bias, merging, `SparseDelta`, torch.compile),
+    so all of them see the same weights bit for bit. Differentiable in both when gradients are wanted."""
+    values = values.to(theta0.device)
+    if torch.is_grad_enabled() and (values.requires_grad or theta0.requires_grad) or torch.compiler.is_compiling():
+        wide = torch.promote_types(theta0.dtype, torch.float32)
+        return (theta0.to(wide) + values.to(wide)).to(theta0.dtype)
+    return torch.add(theta0, values, out=torch.empty_like(theta0))  # one kernel: computes wide, rounds once
+
+
 def compose(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """A new tensor equal to `weight` with `values` added at the flat `indices` (differentiable in values)."""
-    return weight.reshape(-1).index_add(0, indices, values.to(weight.dtype)).view_as(weight)
+    """A new tensor equal to `weight` with θ0 + values (`add_rounded_once`) at the flat `indices` (unique),
+    differentiable in the values."""
+    flat = weight.reshape(-1)
+    return flat.index_put((indices,), add_rounded_once(flat.index_select(0, indices), values)).view_as(weight)
 
 
 def tensor_version(t: torch.Tensor) -> int:
@@ -121,14 +134,13 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tra
 
 @dataclass(frozen=True, eq=False)
 class DeltaSlot:
-    """Where a delta is written into a weight: the weight, its int64 flat indices, θ0 at them (in W's dtype and in
-    fp32), the layer's lock, and the weight's storage and version when θ0 was read (a later change of either makes
+    """Where a delta is written into a weight: the weight, its int64 flat indices, θ0 at them, the layer's lock,
+    and the weight's storage and version when θ0 was read (a later change of either makes
     the layer read θ0 again). It holds no view of W's storage, so a replaced weight's memory is not kept alive."""
 
     weight: torch.Tensor
     indices: torch.Tensor
     theta0: torch.Tensor
-    theta0_wide: torch.Tensor
     lock: object
     key: tuple
 
@@ -139,12 +151,11 @@ class DeltaSlot:
     @staticmethod
     def build(weight: torch.Tensor, indices: torch.Tensor, lock) -> DeltaSlot:
         theta0 = weight.data.view(-1).index_select(0, indices)
-        wide = theta0.to(torch.promote_types(theta0.dtype, torch.float32))
-        return DeltaSlot(weight, indices, theta0, wide, lock, DeltaSlot.weight_key(weight))
+        return DeltaSlot(weight, indices, theta0, lock, DeltaSlot.weight_key(weight))
 
-    def entries(self, values: torch.Tensor) -> torch.Tensor:
-        """θ0 + values at the indices, added in fp32 (or wider) and rounded once to W's dtype (one kernel)."""
-        return torch.add(self.theta0_wide, values.detach(), out=torch.empty_like(self.theta0))
+    def written(self, values: torch.Tensor) -> torch.Tensor:
+        """What W holds at the indices while the delta is written in: θ0 + values (`add_rounded_once`)."""
+        return add_rounded_once(self.theta0, values.detach())
 
 
 class delta_written:  # noqa: N801  (used as a context manager, like a function)
@@ -185,7 +196,7 @@ class WrittenDeltaMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, values, structure, transposed, slot):
-        written = slot.entries(values)
+        written = slot.written(values)
         with delta_written(slot, written):
             out = matmul(x, weight, bias, transposed)
         ctx.compute_dtype = out.dtype  # the autocast (or weight) dtype: backward computes in it, no autocast needed
@@ -199,17 +210,27 @@ class WrittenDeltaMatmul(torch.autograd.Function):
     @_first_order_only
     def backward(ctx, grad_out):
         x_side, written = ctx.saved_tensors
-        grad_x = grad_bias = grad_values = None
         go2 = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.compute_dtype)
+        grad_x = None
         if ctx.needs_input_grad[0]:
             with delta_written(ctx.slot, written):
-                weight = ctx.slot.weight.to(ctx.compute_dtype)
-                grad_x = (go2 @ (weight.t() if ctx.transposed else weight)).view(ctx.x_shape)
-        if ctx.needs_input_grad[2]:
-            grad_bias = go2.sum(0)
-        if ctx.needs_input_grad[3]:
-            grad_values = _values_gradient(ctx.structure, ctx.transposed, x_side, ctx.take_in_backward, go2)
-        return grad_x, None, grad_bias, grad_values, None, None, None
+                grad_x = _input_gradient(ctx, go2, ctx.slot.weight)
+        return grad_x, None, *_bias_and_values_gradients(ctx, go2, x_side), None, None, None
+
+
+def _input_gradient(ctx, go2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The input gradient of the matmul Functions, through the weight as the forward read it (θ0 + Δ)."""
+    weight = weight.to(ctx.compute_dtype)
+    return (go2 @ (weight.t() if ctx.transposed else weight)).view(ctx.x_shape)
+
+
+def _bias_and_values_gradients(ctx, go2: torch.Tensor, x_side: torch.Tensor | None) -> tuple:
+    """(bias gradient, fp32 values gradient) of the matmul Functions, each None when not needed."""
+    grad_bias = go2.sum(0) if ctx.needs_input_grad[2] else None
+    grad_values = None
+    if ctx.needs_input_grad[3]:
+        grad_values = _values_gradient(ctx.structure, ctx.transposed, x_side, ctx.take_in_backward, go2)
+    return grad_bias, grad_values
 
 
 def _input_side(x: torch.Tensor, structure: BlockStructure, transposed: bool, dtype: torch.dtype,
@@ -240,28 +261,14 @@ def _values_gradient(structure: BlockStructure, transposed: bool, x_side: torch.
     return structure.gather_gradient(row_side, col_side).float()
 
 
-def add_rounded_once(theta0: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """θ0 + values added in fp32 (or wider) and rounded once to θ0's dtype: what every kernel reads (`DeltaSlot
-    .entries`), so merging, applying a `SparseDelta` and the compiled path give the same weights bit for bit."""
-    wide = torch.promote_types(theta0.dtype, torch.float32)
-    return (theta0.to(wide) + values.detach().to(theta0.device, wide)).to(theta0.dtype)
-
-
-def write_entries(param: torch.Tensor, indices: torch.Tensor, entries: torch.Tensor) -> None:
-    """param's flat (row-major) `indices` ← `entries`, in place; a non-contiguous param (e.g. a transposed view) is
+def write_at(param: torch.Tensor, indices: torch.Tensor, new: torch.Tensor) -> None:
+    """param's flat (row-major) `indices` ← `new`, in place; a non-contiguous param (e.g. a transposed view) is
     written through a contiguous copy."""
     data = param.data
     if data.is_contiguous():
-        data.view(-1).index_copy_(0, indices, entries)
+        data.view(-1).index_copy_(0, indices, new)
     else:
-        data.copy_(data.contiguous().view(-1).index_copy_(0, indices, entries).view_as(data))
-
-
-def with_entries(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """A new tensor equal to `weight` with θ0 + values at the flat indices (`add_rounded_once`); W itself is not
-    touched."""
-    flat = weight.detach().reshape(-1)
-    return flat.index_put((indices,), add_rounded_once(flat.index_select(0, indices), values)).view_as(weight)
+        data.copy_(data.contiguous().view(-1).index_copy_(0, indices, new).view_as(data))
 
 
 class ComposedDeltaMatmul(torch.autograd.Function):
@@ -271,7 +278,7 @@ class ComposedDeltaMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, values, indices, structure, transposed):
-        out = matmul(x, with_entries(weight, indices, values), bias, transposed)
+        out = matmul(x, compose(weight.detach(), indices, values.detach()), bias, transposed)
         ctx.compute_dtype = out.dtype
         x_side, ctx.take_in_backward = _input_side(x, structure, transposed, out.dtype, ctx.needs_input_grad[3])
         ctx.save_for_backward(x_side, weight, indices, values)
@@ -282,16 +289,11 @@ class ComposedDeltaMatmul(torch.autograd.Function):
     @_first_order_only
     def backward(ctx, grad_out):
         x_side, weight, indices, values = ctx.saved_tensors
-        grad_x = grad_bias = grad_values = None
         go2 = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.compute_dtype)
+        grad_x = None
         if ctx.needs_input_grad[0]:
-            composed = with_entries(weight, indices, values).to(ctx.compute_dtype)
-            grad_x = (go2 @ (composed.t() if ctx.transposed else composed)).view(ctx.x_shape)
-        if ctx.needs_input_grad[2]:
-            grad_bias = go2.sum(0)
-        if ctx.needs_input_grad[3]:
-            grad_values = _values_gradient(ctx.structure, ctx.transposed, x_side, ctx.take_in_backward, go2)
-        return grad_x, None, grad_bias, grad_values, None, None, None
+            grad_x = _input_gradient(ctx, go2, compose(weight.detach(), indices, values.detach()))
+        return grad_x, None, *_bias_and_values_gradients(ctx, go2, x_side), None, None, None
 
 
 class SparseTermMatmul(torch.autograd.Function):
@@ -385,7 +387,7 @@ class WrittenDeltaEmbedding(torch.autograd.Function):
     def forward(ctx, input_ids, weight, values, structure, slot, options):
         ctx.save_for_backward(input_ids)
         ctx.structure = structure
-        with delta_written(slot, slot.entries(values)):
+        with delta_written(slot, slot.written(values)):
             return F.embedding(input_ids, weight, **options)
 
     @staticmethod
@@ -407,7 +409,7 @@ def written_delta_embedding(input_ids, weight, values, structure: EmbeddingStruc
     """Embedding lookup with the delta written into the table; see `WrittenDeltaEmbedding`."""
     if torch.is_grad_enabled() and values.requires_grad:
         return WrittenDeltaEmbedding.apply(input_ids, weight, values, structure, slot, options)
-    with delta_written(slot, slot.entries(values)):
+    with delta_written(slot, slot.written(values)):
         return F.embedding(input_ids, weight, **options)
 
 
@@ -433,5 +435,5 @@ def written_delta_matmul(x, weight, bias, values, structure, transposed, slot: D
     needs_grad = values.requires_grad or x.requires_grad or (bias is not None and bias.requires_grad)
     if torch.is_grad_enabled() and needs_grad:
         return WrittenDeltaMatmul.apply(x, weight, bias, values, structure, transposed, slot)
-    with delta_written(slot, slot.entries(values)):
+    with delta_written(slot, slot.written(values)):
         return matmul(x, weight, bias, transposed)

@@ -1,4 +1,4 @@
-"""The peft type and state-dict prefix of the sparse-delta tuner.
+"""The peft type of the sparse-delta tuner (its state-dict prefix is the file format's: `storage.keys`).
 
 peft's `register_peft_method` needs a member of its `PeftType` enum, so the enum is extended (once per name).
 """
@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from peft.utils import PeftType
 
-METHOD_NAME = "sparsediff"
-PREFIX = METHOD_NAME + "_"
+from ..storage.keys import METHOD_NAME, PREFIX
+
+__all__ = ["METHOD_NAME", "PEFT_TYPE", "PREFIX", "extend_peft_type"]
 
 
 def extend_peft_type(name: str) -> PeftType:

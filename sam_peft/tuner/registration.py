@@ -16,16 +16,15 @@ from peft.utils import register_peft_method
 
 from ..errors import DeltaFileError
 from ..storage.io import save_safetensors_atomic
+from ..storage.keys import holds_delta
 from .config import SparseDiffConfig
 from .model import SparseDiffModel
 from .peft_type import METHOD_NAME, PEFT_TYPE, PREFIX
 
-_MARKER = f".{PREFIX}indices."
-
 
 def _dispatch_save_file(original):
     def save_file(tensors, filename, metadata=None):
-        if any(_MARKER in key for key in tensors):
+        if holds_delta(tensors):
             return save_safetensors_atomic(tensors, filename, metadata=metadata)
         return original(tensors, filename, metadata=metadata)
 

@@ -97,6 +97,7 @@ class _WeightDeltaLayer(SparseDiffLayer):
         raise NotImplementedError
 
     def _build_structures(self) -> None:
+        super()._build_structures()
         active = self._active_with_entries()
         found = self._weight_delta(active) if active else None
         if found is None or found[1].device.type == "meta":

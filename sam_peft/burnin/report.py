@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .targets import layer_and_kind, targets
+from ..tuner.targets import layer_and_kind, targets
 
 
 @dataclass
@@ -38,7 +38,7 @@ class SelectionReport:
         config = model.peft_config[adapter_name]
         per_parameter, layer_tot, kind_tot = {}, defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
         for t in targets(model, adapter_name):
-            k, n = t.layer.sparsediff_values[adapter_name][t.attr].numel(), t.param.numel()
+            k, n = t.values.numel(), t.param.numel()
             per_parameter[t.name] = {"selected": k, "numel": n}
             layer, kind = layer_and_kind(t.name)
             for table, key in ((layer_tot, layer), (kind_tot, kind)):

@@ -1,16 +1,42 @@
-"""The targeted parameters of a sam-peft adapter: finding the tuner, its layers and their base parameters."""
+"""The targeted parameters of a sam-peft adapter: finding the tuner, each target's layer, values and indices."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ..errors import NotSelectedError
-from ..tuner.layer import Target, tuner_targets
-from ..tuner.peft_type import PREFIX
+from .layer import SparseDiffLayer, own_parameters
+from .peft_type import PREFIX
+
+
+@dataclass(frozen=True)
+class Target:
+    """One targeted base parameter of an adapter: its name in the base model, the layer wrapping it, its own name
+    there, and the adapter whose delta it carries."""
+
+    name: str
+    layer: SparseDiffLayer
+    attr: str
+    adapter: str
+
+    @property
+    def param(self) -> nn.Parameter:
+        """The base parameter (θ0)."""
+        return own_parameters(self.layer.get_base_layer())[self.attr]
+
+    @property
+    def values(self) -> nn.Parameter:
+        """The adapter's trainable fp32 values of this parameter."""
+        return self.layer.sparsediff_values[self.adapter][self.attr]
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """The adapter's sorted flat indices of this parameter (int32 or int64 buffer)."""
+        return self.layer.sparsediff_indices[self.adapter][self.attr]
 
 
 def tuner_of(model: nn.Module):
@@ -26,6 +52,7 @@ def tuner_of(model: nn.Module):
 
 
 def resolve_adapter(tuner, adapter_name: str | None) -> str:
+    """`adapter_name`, or the active adapter when None; refuses a name the tuner does not hold."""
     if adapter_name is None:
         adapter_name = tuner.active_adapters[0]
     if adapter_name not in tuner.peft_config:
@@ -34,22 +61,22 @@ def resolve_adapter(tuner, adapter_name: str | None) -> str:
 
 
 def targets(model: nn.Module, adapter_name: str) -> list[Target]:
-    """Targeted base parameters of an adapter, in base-model parameter order."""
-    return tuner_targets(tuner_of(model).model, adapter_name)
+    """The base parameters that carry a delta of `adapter_name`, in module order (`model`: a PeftModel, a
+    DDP-wrapped one, or the tuner)."""
+    return [
+        Target(f"{module.module_key}.{attr}", module, attr, adapter_name)
+        for module in tuner_of(model).model.modules()
+        if isinstance(module, SparseDiffLayer) and adapter_name in module.sparsediff_values
+        for attr in module.sparsediff_values[adapter_name]
+    ]
 
 
 def selected_indices(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """{base parameter name (as in the base model's named_parameters()): sorted 1-D LongTensor of flat indices}."""
     tuner = tuner_of(model)
     adapter_name = resolve_adapter(tuner, adapter_name)
-    if tuner.peft_config[adapter_name].counts is None:
-        raise NotSelectedError(
-            f"adapter '{adapter_name}' uses selection='{tuner.peft_config[adapter_name].selection}' and has "
-            "not been selected yet; run sam_peft.select_parameters(model, dataloader) first."
-        )
-    return {
-        t.name: t.layer.sparsediff_indices[adapter_name][t.attr].long().cpu() for t in targets(model, adapter_name)
-    }
+    tuner.peft_config[adapter_name].require_selected(adapter_name, "reading its indices")
+    return {t.name: t.indices.long().cpu() for t in targets(tuner, adapter_name)}
 
 
 _LAYER_RE = re.compile(r"\.(\d+)\.")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,13 +12,20 @@ import torch
 from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
-from ..errors import BaseModelMismatchError, DeltaFileError, NotSelectedError
-from ..selection.targets import resolve_adapter, targets, tuner_of
-from ..tuner.ops import add_rounded_once, tensor_version, write_entries
-from .identity import ALLOW_MISMATCH_ENV, FORMAT_VERSION, identity_metadata, weights_fingerprint
-from .io import load_safetensors_checked, save_safetensors_atomic
+from ..errors import BaseModelMismatchError, DeltaFileError
+from ..storage.identity import (
+    FORMAT_VERSION,
+    BaseIdentity,
+    architecture_of,
+    check_same_base,
+    identity_metadata,
+    weights_fingerprint,
+)
+from ..storage.io import load_safetensors_checked, save_safetensors_atomic
+from ..storage.validation import check_entries, index_dtype
+from ..tuner.ops import add_rounded_once, tensor_version, write_at
+from ..tuner.targets import resolve_adapter, targets, tuner_of
 from .packing import flat_view
-from .validation import check_entries, index_dtype
 
 DELTA_FILE_KIND = "sam-peft-sparse-delta"
 # model -> {parameter names: (fingerprint, their versions)} for states whose fingerprint was computed; a later
@@ -60,9 +66,11 @@ class SparseDelta:
     shapes: dict[str, list[int]]
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
-    _backups: dict[int, tuple] = field(default_factory=dict, repr=False, compare=False)
+    # model -> what `apply_to` overwrote; model -> the shapes whose structure was checked (weak: a model collected
+    # and another created at the same address is never taken for it)
+    _backups: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False, compare=False)
     _plan: tuple | None = field(default=None, repr=False, compare=False)
-    _checked: dict[int, tuple] = field(default_factory=dict, repr=False, compare=False)
+    _checked: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False, compare=False)
     _token: object = field(default_factory=object, repr=False, compare=False)
 
     # ------------------------------------------------------------ creation
@@ -72,16 +80,10 @@ class SparseDelta:
         tuner = tuner_of(model)
         adapter_name = resolve_adapter(tuner, adapter_name)
         config = tuner.peft_config[adapter_name]
-        if config.counts is None:
-            raise NotSelectedError(
-                f"adapter '{adapter_name}' uses selection='{config.selection}' and has not been selected yet: its "
-                "entries are placeholders. Run sam_peft.select_parameters(model, dataloader) (or train with "
-                "SAMCallback) before extracting its delta."
-            )
+        config.require_selected(adapter_name, "extracting its delta")
         entries, shapes = {}, {}
         for t in targets(tuner, adapter_name):
-            indices, values = t.layer.entries(adapter_name)[t.attr]
-            entries[t.name] = (indices.detach().long().cpu().clone(), values.detach().float().cpu().clone())
+            entries[t.name] = (t.indices.detach().long().cpu().clone(), t.values.detach().float().cpu().clone())
             shapes[t.name] = list(t.param.shape)
         dense = {}
         for name, module in tuner.model.named_modules():
@@ -98,10 +100,12 @@ class SparseDelta:
     # ------------------------------------------------------------ applying
     def _check_base(self, model: nn.Module, params: dict[str, torch.Tensor], verify_fingerprint: bool) -> None:
         shapes = tuple(tuple(params[n].shape) for n in self.entries if n in params)
-        if self._checked.get(id(model)) != shapes:
+        if self._checked.get(model) != shapes:
             self._check_structure(params)
-            self._checked[id(model)] = shapes
-        self._check_fingerprint(model, params, verify_fingerprint)
+            self._checked[model] = shapes
+        # every entry's name and shape was compared with the model's above (`shapes=None`)
+        check_same_base(BaseIdentity.recorded_in(self.metadata), architecture_of(model),
+                        lambda: self._fingerprint(model, params), "this delta", verify_fingerprint=verify_fingerprint)
 
     def _check_structure(self, params: dict[str, torch.Tensor]) -> None:
         missing = [n for n in list(self.entries) + list(self.dense) if n not in params]
@@ -121,23 +125,16 @@ class SparseDelta:
             if params[name].shape != tensor.shape:
                 raise BaseModelMismatchError(f"'{name}' has shape {list(params[name].shape)} in the model but "
                                              f"{list(tensor.shape)} in the delta.")
-    def _check_fingerprint(self, model: nn.Module, params: dict[str, torch.Tensor], verify: bool) -> None:
-        expected = self.metadata.get("base_fingerprint")
-        if verify and expected:
-            names = tuple(self.entries)
-            versions = _weights_state(params, names)
-            known = _VERIFIED.setdefault(model, {}).get(names)
-            if known is not None and known[1] == versions:
-                actual = known[0]
-            else:
-                actual = weights_fingerprint({n: params[n] for n in names})
-                _VERIFIED[model][names] = (actual, versions)
-            if actual != expected:
-                message = (f"the model's weights (fingerprint {actual}) are not the base this delta was recorded "
-                           f"on ({expected}); pass verify_fingerprint=False or set {ALLOW_MISMATCH_ENV}=1 to "
-                           "apply it anyway.")
-                if os.environ.get(ALLOW_MISMATCH_ENV) != "1":
-                    raise BaseModelMismatchError(message)
+    def _fingerprint(self, model: nn.Module, params: dict[str, torch.Tensor]) -> str:
+        """The fingerprint of the model's weights at this delta's names, cached while nothing wrote to them."""
+        names = tuple(self.entries)
+        versions = _weights_state(params, names)
+        known = _VERIFIED.setdefault(model, {}).get(names)
+        if known is not None and known[1] == versions:
+            return known[0]
+        actual = weights_fingerprint({n: params[n] for n in names})
+        _VERIFIED[model][names] = (actual, versions)
+        return actual
 
     def _flat_plan(self, params: dict[str, torch.Tensor]):
         """(flat storage view, global indices, values) when the targets are packed (see `pack_parameters`)."""
@@ -162,7 +159,7 @@ class SparseDelta:
 
         On a model packed with `sam_peft.pack_parameters`, all entries move with one gather and one scatter.
         """
-        if id(model) in self._backups:
+        if model in self._backups:
             raise ValueError("this delta is already applied to this model; remove_from(model) first.")
         params = dict(model.named_parameters())
         self._check_base(model, params, verify_fingerprint)
@@ -178,11 +175,11 @@ class SparseDelta:
                 param = params[name]
                 idx = indices.to(param.device)
                 backup[name] = param.data.reshape(-1).index_select(0, idx)
-                write_entries(param, idx, add_rounded_once(backup[name], values))
+                write_at(param, idx, add_rounded_once(backup[name], values))
             for name, tensor in self.dense.items():
                 backup[name] = params[name].data.clone()
                 params[name].data.copy_(tensor.to(params[name].device, params[name].dtype))
-        self._backups[id(model)] = (backup, _VERIFIED.get(model, {}).get(tuple(self.entries)))
+        self._backups[model] = (backup, _VERIFIED.get(model, {}).get(tuple(self.entries)))
         _APPLIED.setdefault(model, []).append(self._footprint())
         return model
 
@@ -192,7 +189,7 @@ class SparseDelta:
         Deltas stacked on one model that change the same entries are removed in reverse order of applying (the
         restored entries would otherwise undo the later delta); a removal out of that order is refused.
         """
-        if id(model) not in self._backups:
+        if model not in self._backups:
             raise ValueError("this delta is not applied to this model; nothing to remove.")
         stack = _APPLIED.get(model, [])
         position = next((i for i, f in enumerate(stack) if f.token is self._token), None)
@@ -205,7 +202,7 @@ class SparseDelta:
                                  f"{held:,} entries); remove it first: deltas stacked on one model come off in "
                                  "reverse order of applying.")
             del stack[position]
-        backup, verified = self._backups.pop(id(model))
+        backup, verified = self._backups.pop(model)
         params = dict(model.named_parameters())
         with torch.no_grad():
             if _FLAT in backup:
@@ -213,7 +210,7 @@ class SparseDelta:
                 flat.index_copy_(0, indices, backup[_FLAT])
                 self._touch(params)
             for name, (indices, _) in ([] if _FLAT in backup else self.entries.items()):
-                write_entries(params[name], indices.to(params[name].device), backup[name])
+                write_at(params[name], indices.to(params[name].device), backup[name])
             for name in self.dense:
                 params[name].data.copy_(backup[name])
         if verified is not None:  # restored bit-exactly: the state verified before apply_to, at new versions

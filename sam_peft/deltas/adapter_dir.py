@@ -9,13 +9,14 @@ from pathlib import Path
 import torch
 
 from ..errors import DeltaFileError
-from ..selection.scores import SIGNALS
-from ..selection.targets import layer_and_kind
+from ..ranking.signals import SIGNALS
+from ..storage.identity import identity_metadata
+from ..storage.io import load_safetensors_checked
+from ..storage.keys import split_saved_key
+from ..storage.validation import check_entries
 from ..tuner.peft_type import PEFT_TYPE
+from ..tuner.targets import layer_and_kind
 from .delta import METADATA_KEYS, SparseDelta
-from .identity import identity_metadata
-from .io import load_safetensors_checked
-from .validation import check_entries
 
 PEFT_PREFIX = "base_model.model."
 
@@ -50,14 +51,12 @@ def split_entries(tensors: dict[str, torch.Tensor]):
     sparse, dense = {}, {}
     for key, tensor in tensors.items():
         name = key.removeprefix(PEFT_PREFIX)
-        for kind in ("indices", "values"):
-            marker = f".sparsediff_{kind}."
-            if marker in name:
-                module, attr = name.split(marker)
-                sparse.setdefault(f"{module}.{attr}", {})[kind] = tensor
-                break
-        else:
+        parts = split_saved_key(name)
+        if parts is None:
             dense[name.replace(".modules_to_save.", ".")] = tensor
+        else:
+            module, kind, attr = parts
+            sparse.setdefault(f"{module}.{attr}", {})[kind] = tensor
     return sparse, dense
 
 

@@ -9,8 +9,9 @@ import torch
 from transformers import TrainerCallback
 
 from ..errors import SelectionError
-from .burnin import batch_count, select_parameters
-from .targets import resolve_adapter, targets, tuner_of
+from ..tuner.targets import resolve_adapter, targets, tuner_of
+from .batches import batch_count
+from .select import select_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class SAMCallback(TrainerCallback):
                 f"SAMCallback selects adapter '{adapter}' but the model trains {list(tuner.active_adapters)}; call "
                 f"model.set_adapter('{adapter}') before training, or give the callback the active adapter's name."
             )
-        if tuner.peft_config[adapter].counts is not None:
+        if tuner.peft_config[adapter].is_selected:
             logger.info("adapter '%s' already has its entries; no burn-in.", adapter)
             return
         self.select_kwargs.setdefault("progress", not args.disable_tqdm)
@@ -79,8 +80,7 @@ def _drop_frozen_values(optimizer, tuner, adapter: str) -> None:
     selection (or after loading a checkpoint): a run resumes whichever way its entries were chosen."""
     if optimizer is None:
         return
-    frozen = {id(v) for t in targets(tuner, adapter)
-              for v in [t.layer.sparsediff_values[adapter][t.attr]] if not v.requires_grad}
+    frozen = {id(t.values) for t in targets(tuner, adapter) if not t.values.requires_grad}
     for group in optimizer.param_groups:
         if any(id(p) in frozen and p in optimizer.state for p in group["params"]):
             return  # the optimizer has stepped them already: leave it as it is

@@ -1,0 +1,292 @@
+"""`select_parameters`: check that the adapter can be selected, run the burn-in at θ0 (no update), score, choose
+the exact top-k and install it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import SelectionError
+from ..parallel.collectives import Shard, any_rank, check_engine, initialized
+from ..parallel.ddp import ddp_wrappers_of, rebuild_ddp
+from ..parallel.fsdp import sync_shards_requires_grad
+from ..ranking.budget import budget
+from ..ranking.signals import SIGNALS
+from ..ranking.topk import radix_select, top_entries
+from ..tuner.install import install, select_data_free
+from ..tuner.layer import SparseDiffLayer
+from ..tuner.targets import Target, resolve_adapter, targets, tuner_of
+from .batches import batches, burn_in_loss, examples, move
+from .options import BurnInOptions
+from .report import SelectionReport
+from .statistics import Statistics, fold_gradients, fold_hooks, hutchinson_step
+
+logger = logging.getLogger(__name__)
+
+
+def select_parameters(
+    model: nn.Module,
+    dataloader: Iterable[Mapping[str, torch.Tensor]] | None = None,
+    num_steps: int | None = None,
+    *,
+    adapter_name: str | None = None,
+    selection: str | None = None,
+    per_example: bool = False,
+    hutchinson_samples: int = 1,
+    dropout: bool = True,
+    progress: bool = True,
+    statistics_dtype: torch.dtype | str = torch.float32,
+    max_grad_norm: float | None = None,
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None,
+) -> SelectionReport:
+    """Run the burn-in at θ0, score every targeted entry, keep the exact top-k, install the indices.
+
+    Args:
+        model: a PeftModel with a sam-peft adapter (DDP-wrapped models are unwrapped).
+        dataloader: batches as dicts the model accepts, labels included (a DataLoader). Not needed for the
+            data-free selections (magnitude, random, bitfit).
+        num_steps: batches to use (all when None: give it for a stream that never ends). Fewer available batches
+            log a warning; none is an error.
+        adapter_name: the adapter to select (default: the active one).
+        selection: override of the config's selection signal.
+        per_example: for "fisher", sum squared per-example gradients (FISH mask) instead of batch ones.
+        hutchinson_samples: Rademacher probes per batch for "sam_hessian".
+        dropout: run the burn-in in train mode (dropout on, as the paper's code) or eval mode.
+        progress: show a progress bar.
+        statistics_dtype: dtype of the accumulated statistics, torch.float32 (default) or torch.bfloat16 (half the
+            memory; see docs/distributed.md for its effect on the selected set).
+        max_grad_norm: clip each burn-in batch gradient (all targeted parameters together) to this global L2 norm
+            before adding it, as the paper's code did with 1.0. None (default): sum the raw gradients, which lets
+            each gradient be folded in and freed as soon as it is computed; clipping keeps one batch gradient of
+            all targeted parameters until the norm is known.
+        loss_fn: `(model, batch) -> scalar loss` to score instead of the model's own loss (`outputs.loss`, or the
+            first element of a tuple output): pass the loss training uses when it is not the model's (a Trainer's
+            `compute_loss_func`, label smoothing, a TRL `loss_type`), or for a model that returns none.
+
+    Returns:
+        A `SelectionReport`. The values of the selected entries are zero (the model equals the base model).
+
+    Under `torch.distributed` with whole weights (DDP, or none) each rank accumulates over its own batches and the
+    statistics are summed over ranks, so every rank installs the same indices as one process over all the batches.
+    Under FSDP2 (`fully_shard`) each rank keeps the statistics of its own shard, from the gradients FSDP already
+    reduce-scattered (a step's gradient is that of all ranks' batches together), and the top-k runs across shards
+    without gathering any score tensor (`ranking.topk.radix_select`). DeepSpeed ZeRO-3 is refused.
+    """
+    tuner = tuner_of(model)
+    adapter_name = resolve_adapter(tuner, adapter_name)
+    config = tuner.peft_config[adapter_name]
+    options = BurnInOptions(selection or config.selection, num_steps, per_example, hutchinson_samples, dropout,
+                            progress, statistics_dtype, max_grad_norm, loss_fn)
+    previous = config.selection
+    config.selection = options.selection
+    try:
+        return _select(model, tuner, adapter_name, dataloader, options)
+    except BaseException:
+        config.selection = previous  # the override is recorded only with the entries it chose
+        raise
+
+
+def _select(model, tuner, adapter_name: str, dataloader, options: BurnInOptions) -> SelectionReport:
+    config = tuner.peft_config[adapter_name]
+    found = targets(tuner, adapter_name)
+    _check_ready(tuner, adapter_name, found)
+    start = time.perf_counter()
+    if config.is_data_free:
+        select_data_free(tuner, adapter_name)
+        return SelectionReport.build(tuner, adapter_name, steps=0, seconds=time.perf_counter() - start)
+    if dataloader is None:
+        raise ValueError(f"selection='{config.selection}' needs data: pass a dataloader of training batches.")
+    sharded = _check_engine(found, options)
+    peft_model = getattr(model, "module", model)
+    burn_in_start = time.perf_counter()
+    stats, steps = run_burn_in(peft_model, found, dataloader, options, sharded)
+    burn_in_seconds = time.perf_counter() - burn_in_start
+    named_scores = _scores(stats, options, found)
+    chosen = _choose(config, found, named_scores, sharded)
+    _install(model, peft_model, tuner, adapter_name, chosen, resize_ddp=not sharded)
+    return SelectionReport.build(tuner, adapter_name, steps=steps, seconds=time.perf_counter() - start,
+                                 burn_in_seconds=burn_in_seconds, scores=None if sharded else named_scores,
+                                 chosen=chosen)
+
+
+# ------------------------------------------------------------------------------------------- 1. readiness
+def _check_ready(tuner, adapter_name: str, found: list[Target]) -> None:
+    """Refuse, before any work, an adapter that cannot be selected: merged, frozen, targeting nothing usable, or
+    with a budget that keeps no entry."""
+    config = tuner.peft_config[adapter_name]
+    if any(isinstance(m, SparseDiffLayer) and m.merged for m in tuner.model.modules()):
+        raise SelectionError("an adapter is merged into the base weights; unmerge_adapter() before selecting.")
+    if config.inference_mode:
+        raise SelectionError(f"adapter '{adapter_name}' is in inference mode (its values are frozen, e.g. loaded "
+                             "without is_trainable=True); load it with is_trainable=True to select and train it.")
+    if not found:
+        raise SelectionError("the adapter targets no parameter; check target_modules / exclude_modules.")
+    if all(t.param.device.type == "meta" for t in found):
+        raise SelectionError("all targeted parameters are on the meta device; load real weights before selecting.")
+    if not any(t.param.dtype.is_floating_point for t in found):
+        raise SelectionError("no targeted parameter is a float tensor (a quantized model?); gradients cannot be "
+                             "taken: select on a float16/bfloat16/float32 model.")
+    if SIGNALS[config.selection].budgeted:
+        _check_budget(config, found)
+
+
+def _check_budget(config, found: list[Target]) -> None:
+    """A budgeted selection that would tune no entry at all is refused before any burn-in work."""
+    sizes = [t.param.numel() for t in found]
+    if max(budget(config.sparsity, config.allocation, sizes).ks) == 0:
+        total = sum(sizes) if config.allocation == "global" else max(sizes)
+        scope = "all targeted tensors together" if config.allocation == "global" else "the largest targeted tensor"
+        raise SelectionError(
+            f"sparsity={config.sparsity} selects no entry: {scope} has {total} entries, and floor(p × {total}) = 0. "
+            f"Use sparsity ≥ {1 / total:.3g}, target larger modules, or allocation='global'."
+        )
+
+
+def _check_engine(found: list[Target], options: BurnInOptions) -> bool:
+    """Whether the targets are FSDP2 shards; refuses what sharded gradients cannot give."""
+    sharded = check_engine([t.param for t in found]) == "fsdp"
+    if sharded and (options.per_example or options.selection == "sam_hessian"):
+        raise SelectionError(
+            "under FSDP each burn-in gradient arrives reduce-scattered over all ranks' batches, so per-example "
+            "Fisher and the Hutchinson double backward (sam_hessian) are not available; use selection='sam' or "
+            "'fisher' (batch gradients), or select before sharding."
+        )
+    return sharded
+
+
+# ------------------------------------------------------------------------------------------- 2. the burn-in
+def run_burn_in(peft_model: nn.Module, found: list[Target], dataloader, options: BurnInOptions,
+                sharded: bool) -> tuple[Statistics, int]:
+    """The statistics of `options.signal` over the burn-in batches at θ0 (no update), summed over ranks; and the
+    number of batches read."""
+    stats = Statistics(found, options.signal, options.statistics_dtype, sharded)
+    with _burn_in_mode(peft_model, found, options.dropout):
+        if options.selection == "sam_hessian":
+            steps = _hutchinson_pass(peft_model, found, dataloader, options, stats)
+        else:
+            steps = _gradient_pass(peft_model, found, dataloader, options, stats, sharded)
+    if sharded:
+        sync_shards_requires_grad(peft_model)  # FSDP2 gradients were reduce-scattered already
+    else:
+        stats.all_reduce()
+    return stats, steps
+
+
+def _gradient_pass(model, found: list[Target], dataloader, options: BurnInOptions, stats: Statistics,
+                   sharded: bool) -> int:
+    """Backward per batch (per example for FISH); without clipping and with whole weights each gradient is folded
+    in (and freed) the moment it is ready, otherwise the batch gradient is folded after backward (clipping needs
+    its norm; FSDP2 hands over reduce-scattered shards after its own hooks)."""
+    device = found[0].param.device
+    iterator, total = batches(dataloader, options.num_steps)
+    hooked = options.max_grad_norm is None and not sharded
+    handles = fold_hooks(found, stats) if hooked else []  # removed below, whatever happens
+    steps = 0
+    try:
+        for batch in tqdm(iterator, total=total, desc="burn-in", disable=not options.progress):
+            batch = move(batch, device)
+            for piece in (examples(batch) if options.per_example_fisher else [batch]):
+                burn_in_loss(model, piece, steps, options.loss_fn).backward()
+                if not hooked:
+                    fold_gradients(found, stats, options.max_grad_norm, sharded)
+            steps += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    return _checked_steps(steps, options.num_steps, total)
+
+
+def _hutchinson_pass(model, found: list[Target], dataloader, options: BurnInOptions, stats: Statistics) -> int:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    device = found[0].param.device
+    iterator, total = batches(dataloader, options.num_steps)
+    steps = 0
+    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels have no double backward
+        for batch in tqdm(iterator, total=total, desc="burn-in", disable=not options.progress):
+            hutchinson_step(model, found, move(batch, device), stats, options.hutchinson_samples, steps,
+                            options.max_grad_norm, options.loss_fn)
+            steps += 1
+    return _checked_steps(steps, options.num_steps, total)
+
+
+def _checked_steps(steps: int, num_steps: int | None, total: int | None) -> int:
+    if steps == 0:
+        raise SelectionError("the burn-in dataloader yielded no batch; pass training batches to select from.")
+    if num_steps is not None and steps < num_steps and total is None:
+        logger.warning("burn-in asked for %d steps but the data ran out after %d; using %d.", num_steps, steps, steps)
+    return steps
+
+
+@contextlib.contextmanager
+def _burn_in_mode(peft_model: nn.Module, found: list[Target], dropout: bool):
+    """Base weights require grad, everything else does not, adapters off; all restored afterwards."""
+    flags = [(p, p.requires_grad) for p in peft_model.parameters()]
+    layers = {id(t.layer): t.layer for t in found}.values()
+    disabled = [(layer, layer._disable_adapters) for layer in layers]
+    was_training = peft_model.training
+    grads = [(t.param, t.param.grad) for t in found]  # the caller's: kept out of the statistics, given back after
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for t in found:
+            t.param.grad = None
+            t.param.requires_grad_(True)
+        for layer in layers:
+            layer._disable_adapters = True
+        peft_model.train(dropout)
+        yield
+    finally:
+        for param, grad in grads:
+            param.grad = grad
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for layer, flag in disabled:
+            layer._disable_adapters = flag
+        peft_model.train(was_training)
+
+
+# ------------------------------------------------------------------------------------------- 3. choosing
+def _scores(stats: Statistics, options: BurnInOptions, found: list[Target]) -> list[tuple[str, torch.Tensor]]:
+    """Each target's scores (the statistics are released one by one); refuses non-finite gradients on any rank."""
+    named_scores = [(t.name, stats.pop_scores(options.signal, t.name)) for t in found]
+    bad = next((name for name, score in named_scores if not torch.isfinite(score).all()), None)
+    if any_rank(bad is not None, found[0].param.device):
+        raise SelectionError(
+            f"the burn-in gradient of '{bad or 'a parameter on another rank'}' is NaN or infinite; lower the "
+            "learning-rate-independent inputs (check for bad labels, fp16 overflow or a diverging model) and run "
+            "the burn-in again."
+        )
+    return named_scores
+
+
+def _choose(config, found: list[Target], named_scores, sharded: bool) -> dict[str, torch.Tensor]:
+    """The exact top-k under the config's budget: over whole tensors, or over every rank's shards (FSDP2), the same
+    indices on every rank."""
+    entry_budget = budget(config.sparsity, config.allocation, [t.param.numel() for t in found])
+    if not sharded:
+        return top_entries(named_scores, entry_budget)
+    shards = [Shard(score, Shard.of(t.param).start, t.param.numel()) for t, (_, score) in zip(found, named_scores)]
+    return {t.name: idx for t, idx in zip(found, radix_select(shards, entry_budget))}
+
+
+# ------------------------------------------------------------------------------------------- 4. installing
+def _install(model, peft_model, tuner, adapter_name: str, chosen: dict[str, torch.Tensor], resize_ddp: bool) -> None:
+    """Install the chosen indices; a DDP wrapper built before, whose values changed length or trainability, gets a
+    new reducer."""
+    before = _value_layout(tuner, adapter_name)
+    install(tuner, adapter_name, chosen, root=peft_model)
+    if resize_ddp and initialized() and before != _value_layout(tuner, adapter_name):
+        for wrapper in [model] if model is not peft_model else ddp_wrappers_of(peft_model):
+            rebuild_ddp(wrapper)
+
+
+def _value_layout(tuner, adapter_name: str) -> list[tuple[int, bool]]:
+    """(length, requires_grad) of each values tensor: what a DDP reducer is built from."""
+    return [(t.values.numel(), t.values.requires_grad) for t in targets(tuner, adapter_name)]
