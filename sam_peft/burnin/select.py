@@ -226,11 +226,12 @@ def _checked_steps(steps: int, num_steps: int | None, total: int | None) -> int:
 
 @contextlib.contextmanager
 def _burn_in_mode(peft_model: nn.Module, found: list[Target], dropout: bool):
-    """Base weights require grad, everything else does not, adapters off; all restored afterwards."""
+    """Base weights require grad, everything else does not, adapters off; all restored afterwards, every module's
+    train/eval flag included (a base put in eval mode keeps its dropouts off)."""
     flags = [(p, p.requires_grad) for p in peft_model.parameters()]
     layers = {id(t.layer): t.layer for t in found}.values()
     disabled = [(layer, layer._disable_adapters) for layer in layers]
-    was_training = peft_model.training
+    modes = [(module, module.training) for module in peft_model.modules()]
     grads = [(t.param, t.param.grad) for t in found]  # the caller's: kept out of the statistics, given back after
     try:
         for p, _ in flags:
@@ -249,7 +250,8 @@ def _burn_in_mode(peft_model: nn.Module, found: list[Target], dropout: bool):
             p.requires_grad_(flag)
         for layer, flag in disabled:
             layer._disable_adapters = flag
-        peft_model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 # ------------------------------------------------------------------------------------------- 3. choosing

@@ -71,6 +71,17 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         """The wrapped module's output size (None for kinds without one)."""
         return _features(self.get_base_layer())[1]
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapper lacks are read from the wrapped module (`stride`, `padding`, `padding_idx`,
+        `num_embeddings`, ...), as code that holds the module expects."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or name.startswith("__"):
+                raise
+            return getattr(base, name)
+
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state.pop("_lock", None)

@@ -44,6 +44,7 @@ class SparseDiffModel(BaseTuner):
         self._candidates, self._shared = candidate_modules(model)
         self._output_heads = output_head_names(model)
         _check_patterns_match(peft_config, sorted(self._candidates))
+        _check_no_overlap_with_modules_to_save(peft_config, sorted(self._candidates))
 
     def _check_target_module_exists(self, peft_config: SparseDiffConfig, key: str):
         if key not in self._candidates:
@@ -51,6 +52,8 @@ class SparseDiffModel(BaseTuner):
         if peft_config.target_modules is None:
             if key in self._output_heads:
                 return False  # trainers read the output head's weight directly (e.g. TRL's fused log-probs)
+            if saved_densely(peft_config, key):
+                return False  # peft wraps it in a ModulesToSaveWrapper (a suffix match, e.g. "pre_classifier")
             catch_all = SimpleNamespace(
                 exclude_modules=peft_config.exclude_modules, modules_to_save=peft_config.modules_to_save,
                 target_modules=".*", target_parameters=None, layers_to_transform=None, layers_pattern=None,
@@ -149,6 +152,30 @@ class SparseDiffModel(BaseTuner):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         load_entries(model, config, adapter_name, remapped)
         return remapped
+
+
+def saved_densely(config: SparseDiffConfig, key: str) -> bool:
+    """Whether peft will train module `key` densely as `modules_to_save`: its rule is a suffix match on the name
+    ("classifier" also takes DistilBERT's "pre_classifier")."""
+    return any(key.endswith(name) for name in config.modules_to_save or ())
+
+
+def _check_no_overlap_with_modules_to_save(config: SparseDiffConfig, candidates: list[str]) -> None:
+    """Refuse a module named both in target_modules and (by peft's suffix rule) in modules_to_save."""
+    if config.target_modules is None or not config.modules_to_save:
+        return
+    probe = SimpleNamespace(exclude_modules=config.exclude_modules, modules_to_save=None,
+                            target_modules=config.target_modules, target_parameters=None, layers_to_transform=None,
+                            layers_pattern=None)
+    both = [key for key in candidates if saved_densely(config, key) and check_target_module_exists(probe, key)]
+    if both:
+        targets_setting = config.target_modules
+        targets_setting = sorted(targets_setting) if isinstance(targets_setting, set) else targets_setting
+        raise ConfigError(
+            f"{both[:5]} matched both target_modules={targets_setting!r} and "
+            f"modules_to_save={list(config.modules_to_save)!r} (peft matches modules_to_save by name suffix): a "
+            "module is either tuned sparsely or trained densely. Remove it from one of the two settings."
+        )
 
 
 def _check_patterns_match(config: SparseDiffConfig, candidates: list[str]) -> None:

@@ -206,14 +206,24 @@ class SparseDiffEmbedding(_WeightDeltaLayer):
         return sparse_delta_embedding(input_ids, base.weight, values, structure, **options)
 
 
+def _runs_own_forward(module: nn.Module, cls: type[nn.Module]) -> bool:
+    """Whether calling `module` is exactly `cls.forward` on its weight: no forward of a subclass (e.g. OPT's and
+    BART's learned positional embeddings add an offset or read only the input's shape) and no hooks, which the
+    fast layers, calling the kernel themselves, would skip."""
+    hooks = module._forward_hooks or module._forward_pre_hooks or module._backward_hooks \
+        or getattr(module, "_backward_pre_hooks", None)
+    return isinstance(module, cls) and type(module).forward is cls.forward and not hooks
+
+
 def layer_class_for(module: nn.Module) -> type[SparseDiffLayer]:
-    """The tuner layer class that wraps `module`."""
+    """The tuner layer class that wraps `module`: a fast layer only where it reproduces the module's forward
+    exactly, else the generic layer, which calls the module itself with θ0 + Δ."""
     from transformers.pytorch_utils import Conv1D
 
-    if isinstance(module, nn.Linear):
+    if _runs_own_forward(module, nn.Linear):
         return SparseDiffLinear
-    if isinstance(module, Conv1D):
+    if _runs_own_forward(module, Conv1D):
         return SparseDiffConv1D
-    if isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq:
+    if _runs_own_forward(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq:
         return SparseDiffEmbedding
     return SparseDiffLayer
