@@ -202,7 +202,7 @@ def run_training(settings: TrainSettings) -> dict:
         callbacks=callbacks,
     )
     train_output, train_seconds, method_facts = _train(trainer, prepared)
-    heldout_metrics, dev_metrics, train_metrics = _evaluate(trainer, encoded, settings)
+    heldout_metrics, (dev_metrics, dev_facts), train_metrics = _evaluate(trainer, encoded, settings, task)
 
     adapter_dir = out_dir / "adapter"
     trainer.save_model(str(adapter_dir))
@@ -222,6 +222,7 @@ def run_training(settings: TrainSettings) -> dict:
         "model": settings_dict["model"],
         "metric": dev_metrics.get("primary"),  # the official dev split's primary metric
         "metrics": dev_metrics,
+        **dev_facts,  # the dev predictions' histogram, the constant-prediction score and the `constant` flag
         "heldout_metrics": heldout_metrics,
         "train_metrics": train_metrics,
         "train_seconds": train_seconds,
@@ -337,19 +338,24 @@ def _train(trainer, prepared) -> tuple:
     return output, seconds, prepared.describe() if prepared.describe is not None else {}
 
 
-def _evaluate(trainer, encoded: dict, settings: TrainSettings) -> tuple[dict, dict, dict]:
-    """Metrics (without their split prefix) on the held-out split, the official dev split and, for the
-    training-set fit (Fig. 5), the first `train_eval_limit` training rows ({} when that is 0)."""
+def _evaluate(trainer, encoded: dict, settings: TrainSettings, task) -> tuple[dict, tuple[dict, dict], dict]:
+    """Metrics (without their split prefix) on the held-out split, the official dev split (with the facts of
+    `sam_peft.tasks.constant.constant_facts` about its predictions) and, for the training-set fit (Fig. 5), the
+    first `train_eval_limit` training rows ({} when that is 0)."""
+    from .tasks.constant import constant_facts
 
     def evaluate(dataset, split: str) -> dict:
         metrics = trainer.evaluate(dataset, metric_key_prefix=split)
         return {key.removeprefix(f"{split}_"): value for key, value in metrics.items()}
 
-    heldout, dev, train = evaluate(encoded["heldout"], "heldout"), evaluate(encoded["dev"], "dev"), {}
+    heldout, train = evaluate(encoded["heldout"], "heldout"), {}
+    output = trainer.predict(encoded["dev"], metric_key_prefix="dev")
+    dev = {key.removeprefix("dev_"): value for key, value in output.metrics.items()}
+    facts = constant_facts(task, output.predictions, output.label_ids, dev["primary"])
     if settings.train_eval_limit:
         train = evaluate(encoded["train"].select(range(min(settings.train_eval_limit, len(encoded["train"])))),
                          "train")
-    return heldout, dev, train
+    return heldout, (dev, facts), train
 
 
 def _trainer_class(loss_terms: list):

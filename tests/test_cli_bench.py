@@ -60,7 +60,20 @@ def test_train_writes_delta_metrics_and_plots(tmp_path, data_dir, tiny_model, ca
         out / "adapter" / "adapter_model.safetensors").stat().st_size
     assert metrics["burn_in_steps"] == 2
     assert 0 < metrics["burn_in_seconds"] <= metrics["method_facts"]["selection_seconds"]
-    assert "dev (official) primary" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "dev (official) primary" in printed and "constant prediction's dev primary" in printed
+    # what a run needs to be trusted: the held-out curve, the dev histogram, the constant score and flag
+    from sam_peft.tasks import load_task
+    from sam_peft.tasks.constant import constant_baseline
+
+    assert any("eval_primary" in entry for entry in metrics["log_history"])
+    dev_labels = load_task("rte", str(data_dir))["dev"]["label"]
+    histogram = metrics["dev_histogram"]
+    assert len(histogram) == 2 and sum(histogram) == len(dev_labels) == 12
+    baseline = constant_baseline("rte", dev_labels)
+    assert metrics["constant_score"] == pytest.approx(baseline["constant_score"])
+    assert metrics["constant_class"] == baseline["constant_class"]
+    assert metrics["constant"] == (min(histogram) == 0 or abs(metrics["metric"] - baseline["constant_score"]) < 1e-6)
 
 
 def test_inspect_eval_switch_and_merge(tmp_path, data_dir, tiny_model, capsys):
@@ -105,8 +118,10 @@ def test_bench_smoke_resumes_and_reports(tmp_path, data_dir, tiny_model):
     records = read_records(path)
     assert len(records) == 6  # 3 methods × 2 seeds
     required = {"task", "method", "seed", "sparsity", "model", "metric", "metrics", "status", "train_seconds",
-                "trainable_params", "delta_bytes", "git_commit", "command"}
+                "trainable_params", "delta_bytes", "git_commit", "command", "log_history", "dev_histogram",
+                "constant_score", "constant_class", "constant"}
     assert all(required <= set(r) for r in records)
+    assert all(any("eval_primary" in e for e in r["log_history"]) and sum(r["dev_histogram"]) == 12 for r in records)
     # a killed write leaves a partial line: it is ignored, and finished runs are not run again
     with open(path, "a") as handle:
         handle.write('{"task": "rte", "method": "lora", "se')
