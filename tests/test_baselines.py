@@ -288,8 +288,8 @@ def test_report_covers_the_grid_the_perturbation_table_and_the_sweep(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = write_report([str(path)], str(tmp_path / "report.md")).read_text()
     assert "Learning-rate grid" in text and "Table 2" in text and "Table 1" in text and "Sparsity sweep" in text
-    assert "| sam | 62.50 ± 0.71 | 72.50 ± 0.71 | **67.50** |" in text
-    assert "| 0.01 | 4 | 66.00 ± 5.00 | 67.00 ± 5.00 |" in text
+    assert "| sam | 62.50 ± 0.71 | 72.50 ± 0.71 | 67.50 | **67.50** |" in text
+    assert "| 0.01 | 4 | 66.00 ± 5.77 | 67.00 ± 5.77 |" in text  # sample std over the 4 runs
     assert (tmp_path / "report-sweep.png").exists() and (tmp_path / "report-methods.png").exists()
 
 

@@ -31,6 +31,8 @@ def add_parser(sub) -> None:
     report.add_argument("--output", default="docs/benchmarks-report.md")
     report.add_argument("--pairs", nargs="+", default=[], metavar="A:B",
                         help="also test method A against method B (paired over task and seed), e.g. mam:full")
+    report.add_argument("--data-dir", help="directory of the official task files: judges records written before the "
+                                           "`constant` field from the dev labels (otherwise unknown)")
     report.set_defaults(func=run_report)
     projection = bench.add_parser("projection", help="Fig. 3 curve from a diffpruning run with --reproject-every")
     projection.add_argument("run", help="output directory of the run")
@@ -58,7 +60,7 @@ def run_report(args: argparse.Namespace) -> int:
         if not sep or not a or not b:
             raise SystemExit(f"--pairs {pair!r}: write each pair as METHOD_A:METHOD_B, e.g. mam:full")
         pairs.append((a, b))
-    print(f"report written to {write_report(args.results, args.output, pairs)}")
+    print(f"report written to {write_report(args.results, args.output, pairs, data_dir=args.data_dir)}")
     return 0
 
 
