@@ -39,9 +39,8 @@ class Profile:
 SEVEN_TASKS = ("cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc")
 QUICK_METHODS = ("full", "sam", "fisher", "random", "bitfit", "magnitude", "lora")
 ALL_METHODS = PAPER_METHODS  # the paper's 12 (`sam_peft.methods.REGISTRY`; methods with a sparsity p: SPARSE_METHODS)
-# Learning rates for quick and sweep: `sam_peft.methods.DEFAULT_LRS` (sam 1e-3 and full 5e-5 were the best on RTE's
-# held-out 10 % split in a small probe, docs/results.md; the other parameter-efficient methods share SAM's, the
-# other dense ones full fine-tuning's).
+# Learning rates for quick and sweep: `sam_peft.methods.DEFAULT_LRS` (untuned defaults, docs/results.md: the
+# parameter-efficient methods share 1e-3, the dense ones 5e-5).
 # The paper profile's settings (its §5.1 with a 10-epoch cap; the paper's burn-in per task, capped at one epoch).
 PAPER_SETTINGS = {"epochs": 10, "batch_size": 16, "max_length": 128, "patience": 5}
 # Learning-rate grid searched on the held-out 10 % (seed 0) before the paper profile: dense methods around the
