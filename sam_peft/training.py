@@ -53,6 +53,7 @@ class TrainSettings:
     seed: int = 0
     patience: int = 3
     eval_steps: int | None = None
+    evals_per_epoch: int | None = None  # when eval_steps is None: evaluate this many times per epoch
     logging_steps: int | None = None
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
@@ -82,6 +83,8 @@ class TrainSettings:
             raise ValueError(f"method={self.method!r} is unknown; choose one of {list(METHODS)}.")
         if self.lr is None:
             self.lr = DEFAULT_LRS[self.method]
+        if self.evals_per_epoch is not None and self.evals_per_epoch <= 0:
+            raise ValueError("evals_per_epoch must be positive.")
         if self.batch_size <= 0 or self.max_length <= 0:
             raise ValueError("batch_size and max_length must be positive.")
         check_sparsity(self.sparsity)  # before any data is loaded
@@ -186,7 +189,8 @@ def run_training(settings: TrainSettings) -> dict:
     tokenizer, encoded = _load_encoded(task, settings, model_path)
     steps_per_epoch = math.ceil(len(encoded["train"]) / settings.batch_size)
     total_steps = settings.max_steps if settings.max_steps > 0 else math.ceil(settings.epochs * steps_per_epoch)
-    eval_steps = settings.eval_steps or max(10, min(200, steps_per_epoch // 2))
+    eval_steps = settings.eval_steps or (math.ceil(steps_per_epoch / settings.evals_per_epoch)
+                                         if settings.evals_per_epoch else max(10, min(200, steps_per_epoch // 2)))
     burn_in = settings.burn_in_steps or min(PAPER_BURN_IN.get(task.name, 600), steps_per_epoch)
     prepared = prepare_method(load_base_model(model_path, task), settings, task, burn_in=burn_in,
                               total_steps=total_steps)

@@ -143,6 +143,19 @@ def test_bench_smoke_resumes_and_reports(tmp_path, data_dir, tiny_model):
         assert (tmp_path / "report-methods.png").exists()
 
 
+def test_evals_per_epoch_sets_the_evaluation_interval(tmp_path, data_dir, tiny_model):
+    from sam_peft.training import TrainSettings, run_training
+
+    # 36 training rows in batches of 4: 9 steps per epoch, so two evaluations per epoch are 5 steps apart
+    metrics = run_training(TrainSettings(
+        task="rte", output=str(tmp_path / "run"), model=str(tiny_model), data_dir=str(data_dir), method="full",
+        epochs=2, batch_size=4, max_length=32, evals_per_epoch=2, patience=10, progress=False))
+    steps = [e["step"] for e in metrics["log_history"] if "eval_primary" in e]
+    assert steps[:3] == [5, 10, 15] and steps[3:] in ([], [18])  # transformers may add one at the last step
+    with pytest.raises(ValueError, match="evals_per_epoch"):
+        TrainSettings(task="rte", output="x", evals_per_epoch=0)
+
+
 @pytest.mark.parametrize("method", ["adapter", "mixout", "childpruning", "diffpruning", "dps"])
 def test_train_runs_every_baseline(tmp_path, data_dir, tiny_model, method):
     from safetensors.torch import load_file
