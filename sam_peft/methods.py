@@ -21,8 +21,8 @@ from torch import nn
 from .ranking.signals import SELECTIONS, SIGNALS
 from .tuner import SparseDiffConfig
 
-# Default learning rates: 1e-3 for the parameter-efficient methods and 5e-5 for the dense ones (the best of
-# small probes on RTE's held-out split, docs/results.md); benchmarks choose theirs on a grid.
+# Default learning rates: 1e-3 for the parameter-efficient methods and 5e-5 for the dense ones (a starting point,
+# not tuned: no results file holds a search behind them, docs/results.md); benchmarks choose theirs on a grid.
 EFFICIENT_LR, DENSE_LR = 1e-3, 5e-5
 
 

@@ -53,6 +53,7 @@ class TrainSettings:
     seed: int = 0
     patience: int = 3
     eval_steps: int | None = None
+    evals_per_epoch: int | None = None  # when eval_steps is None: evaluate this many times per epoch
     logging_steps: int | None = None
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
@@ -82,6 +83,8 @@ class TrainSettings:
             raise ValueError(f"method={self.method!r} is unknown; choose one of {list(METHODS)}.")
         if self.lr is None:
             self.lr = DEFAULT_LRS[self.method]
+        if self.evals_per_epoch is not None and self.evals_per_epoch <= 0:
+            raise ValueError("evals_per_epoch must be positive.")
         if self.batch_size <= 0 or self.max_length <= 0:
             raise ValueError("batch_size and max_length must be positive.")
         check_sparsity(self.sparsity)  # before any data is loaded
@@ -186,7 +189,8 @@ def run_training(settings: TrainSettings) -> dict:
     tokenizer, encoded = _load_encoded(task, settings, model_path)
     steps_per_epoch = math.ceil(len(encoded["train"]) / settings.batch_size)
     total_steps = settings.max_steps if settings.max_steps > 0 else math.ceil(settings.epochs * steps_per_epoch)
-    eval_steps = settings.eval_steps or max(10, min(200, steps_per_epoch // 2))
+    eval_steps = settings.eval_steps or (math.ceil(steps_per_epoch / settings.evals_per_epoch)
+                                         if settings.evals_per_epoch else max(10, min(200, steps_per_epoch // 2)))
     burn_in = settings.burn_in_steps or min(PAPER_BURN_IN.get(task.name, 600), steps_per_epoch)
     prepared = prepare_method(load_base_model(model_path, task), settings, task, burn_in=burn_in,
                               total_steps=total_steps)
@@ -202,7 +206,7 @@ def run_training(settings: TrainSettings) -> dict:
         callbacks=callbacks,
     )
     train_output, train_seconds, method_facts = _train(trainer, prepared)
-    heldout_metrics, dev_metrics, train_metrics = _evaluate(trainer, encoded, settings)
+    heldout_metrics, (dev_metrics, dev_facts), train_metrics = _evaluate(trainer, encoded, settings, task)
 
     adapter_dir = out_dir / "adapter"
     trainer.save_model(str(adapter_dir))
@@ -222,6 +226,7 @@ def run_training(settings: TrainSettings) -> dict:
         "model": settings_dict["model"],
         "metric": dev_metrics.get("primary"),  # the official dev split's primary metric
         "metrics": dev_metrics,
+        **dev_facts,  # the dev predictions' histogram, the constant-prediction score and the `constant` flag
         "heldout_metrics": heldout_metrics,
         "train_metrics": train_metrics,
         "train_seconds": train_seconds,
@@ -337,19 +342,24 @@ def _train(trainer, prepared) -> tuple:
     return output, seconds, prepared.describe() if prepared.describe is not None else {}
 
 
-def _evaluate(trainer, encoded: dict, settings: TrainSettings) -> tuple[dict, dict, dict]:
-    """Metrics (without their split prefix) on the held-out split, the official dev split and, for the
-    training-set fit (Fig. 5), the first `train_eval_limit` training rows ({} when that is 0)."""
+def _evaluate(trainer, encoded: dict, settings: TrainSettings, task) -> tuple[dict, tuple[dict, dict], dict]:
+    """Metrics (without their split prefix) on the held-out split, the official dev split (with the facts of
+    `sam_peft.tasks.constant.constant_facts` about its predictions) and, for the training-set fit (Fig. 5), the
+    first `train_eval_limit` training rows ({} when that is 0)."""
+    from .tasks.constant import constant_facts
 
     def evaluate(dataset, split: str) -> dict:
         metrics = trainer.evaluate(dataset, metric_key_prefix=split)
         return {key.removeprefix(f"{split}_"): value for key, value in metrics.items()}
 
-    heldout, dev, train = evaluate(encoded["heldout"], "heldout"), evaluate(encoded["dev"], "dev"), {}
+    heldout, train = evaluate(encoded["heldout"], "heldout"), {}
+    output = trainer.predict(encoded["dev"], metric_key_prefix="dev")
+    dev = {key.removeprefix("dev_"): value for key, value in output.metrics.items()}
+    facts = constant_facts(task, output.predictions, output.label_ids, dev["primary"])
     if settings.train_eval_limit:
         train = evaluate(encoded["train"].select(range(min(settings.train_eval_limit, len(encoded["train"])))),
                          "train")
-    return heldout, dev, train
+    return heldout, (dev, facts), train
 
 
 def _trainer_class(loss_terms: list):

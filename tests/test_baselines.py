@@ -264,6 +264,35 @@ def test_lr_grid_profile_expands_learning_rates_into_run_keys():
     assert len({run_key(r, with_lr=True) for r in runs}) == len(runs)
 
 
+def test_lrsearch_and_evidence_profiles(tmp_path):
+    """Issue 25's grid: a rate search on the held-out split (seed 0), then 5 seeds at each method's chosen rate."""
+    from sam_peft.bench.glue import run_profile
+
+    search, evidence = PROFILES["lrsearch"], PROFILES["evidence"]
+    for profile in (search, evidence):
+        assert profile.tasks == ("stsb", "mrpc", "cola", "rte") and profile.methods == ("sam", "full", "lora", "random")
+        assert profile.settings == {"epochs": 3, "batch_size": 16, "max_length": 128, "evals_per_epoch": 2,
+                                    "patience": 2}
+    runs = search.runs()
+    assert {r["seed"] for r in runs} == {0} and len(runs) == 4 * 4 * 3
+    assert {r["sparsity"] for r in runs if r["method"] in ("sam", "random")} == {0.005}  # random at SAM's budget
+    assert evidence.seeds == (0, 1, 2, 3, 4) and len(evidence.runs()) == 4 * 4 * 5
+
+    with pytest.raises(ValueError, match="--lrs-from"):  # the untuned defaults are never used silently
+        run_profile("evidence", results_dir=str(tmp_path), max_runs=0)
+    path = tmp_path / "lrsearch.jsonl"
+    rows = [{**_record(task, method, 0, lr, 50 + 100 * lr, settings=dict(search.settings)), "profile": "lrsearch"}
+            for task in search.tasks for method in ("sam", "full", "lora") for lr in search.lr_grid[method]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="random"):  # a search that has not finished a method
+        run_profile("evidence", results_dir=str(tmp_path), lrs_from=str(path), max_runs=0)
+    rows += [{**_record(task, "random", 0, lr, 50, settings=dict(search.settings)), "profile": "lrsearch"}
+             for task in search.tasks for lr in search.lr_grid["random"]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert choose_lrs(path) == {"sam": 3e-3, "full": 1e-4, "lora": 3e-3, "random": 3e-4}
+    assert run_profile("evidence", results_dir=str(tmp_path), lrs_from=str(path), max_runs=0).name == "evidence.jsonl"
+
+
 def test_report_covers_the_grid_the_perturbation_table_and_the_sweep(tmp_path):
     from sam_peft.bench.report import write_report
 
@@ -288,8 +317,8 @@ def test_report_covers_the_grid_the_perturbation_table_and_the_sweep(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     text = write_report([str(path)], str(tmp_path / "report.md")).read_text()
     assert "Learning-rate grid" in text and "Table 2" in text and "Table 1" in text and "Sparsity sweep" in text
-    assert "| sam | 62.50 ± 0.71 | 72.50 ± 0.71 | **67.50** |" in text
-    assert "| 0.01 | 4 | 66.00 ± 5.00 | 67.00 ± 5.00 |" in text
+    assert "| sam | 62.50 ± 0.71 | 72.50 ± 0.71 | 67.50 | **67.50** |" in text
+    assert "| 0.01 | 4 | 66.00 ± 5.77 | 67.00 ± 5.77 |" in text  # sample std over the 4 runs
     assert (tmp_path / "report-sweep.png").exists() and (tmp_path / "report-methods.png").exists()
 
 

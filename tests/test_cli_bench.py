@@ -60,7 +60,20 @@ def test_train_writes_delta_metrics_and_plots(tmp_path, data_dir, tiny_model, ca
         out / "adapter" / "adapter_model.safetensors").stat().st_size
     assert metrics["burn_in_steps"] == 2
     assert 0 < metrics["burn_in_seconds"] <= metrics["method_facts"]["selection_seconds"]
-    assert "dev (official) primary" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "dev (official) primary" in printed and "constant prediction's dev primary" in printed
+    # what a run needs to be trusted: the held-out curve, the dev histogram, the constant score and flag
+    from sam_peft.tasks import load_task
+    from sam_peft.tasks.constant import constant_baseline
+
+    assert any("eval_primary" in entry for entry in metrics["log_history"])
+    dev_labels = load_task("rte", str(data_dir))["dev"]["label"]
+    histogram = metrics["dev_histogram"]
+    assert len(histogram) == 2 and sum(histogram) == len(dev_labels) == 12
+    baseline = constant_baseline("rte", dev_labels)
+    assert metrics["constant_score"] == pytest.approx(baseline["constant_score"])
+    assert metrics["constant_class"] == baseline["constant_class"]
+    assert metrics["constant"] == (min(histogram) == 0 or abs(metrics["metric"] - baseline["constant_score"]) < 1e-6)
 
 
 def test_inspect_eval_switch_and_merge(tmp_path, data_dir, tiny_model, capsys):
@@ -105,8 +118,10 @@ def test_bench_smoke_resumes_and_reports(tmp_path, data_dir, tiny_model):
     records = read_records(path)
     assert len(records) == 6  # 3 methods × 2 seeds
     required = {"task", "method", "seed", "sparsity", "model", "metric", "metrics", "status", "train_seconds",
-                "trainable_params", "delta_bytes", "git_commit", "command"}
+                "trainable_params", "delta_bytes", "git_commit", "command", "log_history", "dev_histogram",
+                "constant_score", "constant_class", "constant"}
     assert all(required <= set(r) for r in records)
+    assert all(any("eval_primary" in e for e in r["log_history"]) and sum(r["dev_histogram"]) == 12 for r in records)
     # a killed write leaves a partial line: it is ignored, and finished runs are not run again
     with open(path, "a") as handle:
         handle.write('{"task": "rte", "method": "lora", "se')
@@ -118,8 +133,27 @@ def test_bench_smoke_resumes_and_reports(tmp_path, data_dir, tiny_model):
     append_record(path, {**records[0], "method": "lora", "metric": 50.0})
     report = write_report([str(path)], str(tmp_path / "report.md"))
     text = report.read_text()
-    assert "Table 1" in text and "| sam |" in text and "Spearman" in text
-    assert (tmp_path / "report-methods.png").exists()
+    assert "Table 1" in text and "| sam |" in text and "Spearman" in text and "Constant predictions" in text
+    constant = sum(r["constant"] for r in read_records(path))
+    assert f"Classification runs: {constant} of 7 constant." in text
+    if any(2 * sum(r["constant"] for r in records if r["method"] == m) > 2 for m in ("full", "sam", "bitfit")):
+        # the tiny random model often predicts one class: rte is then left out and nothing is ranked
+        assert "left out: rte" in text and "no method is ranked" in text
+    else:
+        assert (tmp_path / "report-methods.png").exists()
+
+
+def test_evals_per_epoch_sets_the_evaluation_interval(tmp_path, data_dir, tiny_model):
+    from sam_peft.training import TrainSettings, run_training
+
+    # 36 training rows in batches of 4: 9 steps per epoch, so two evaluations per epoch are 5 steps apart
+    metrics = run_training(TrainSettings(
+        task="rte", output=str(tmp_path / "run"), model=str(tiny_model), data_dir=str(data_dir), method="full",
+        epochs=2, batch_size=4, max_length=32, evals_per_epoch=2, patience=10, progress=False))
+    steps = [e["step"] for e in metrics["log_history"] if "eval_primary" in e]
+    assert steps[:3] == [5, 10, 15] and steps[3:] in ([], [18])  # transformers may add one at the last step
+    with pytest.raises(ValueError, match="evals_per_epoch"):
+        TrainSettings(task="rte", output="x", evals_per_epoch=0)
 
 
 @pytest.mark.parametrize("method", ["adapter", "mixout", "childpruning", "diffpruning", "dps"])

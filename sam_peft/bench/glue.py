@@ -102,6 +102,11 @@ def _one_run(run: dict, profile: Profile, model: str | None, data_dir: str | Non
         "delta_bytes": metrics["delta_bytes"], "lr": settings.lr, "profile": profile.name,
         "method_facts": metrics.get("method_facts", {}), "global_steps": metrics.get("global_steps"),
         "train_metric": metrics.get("train_metrics", {}).get("primary"), "device": _device(),
+        # what a run needs to be trusted: the held-out curve, the dev predictions' class histogram (None for
+        # regression), the best constant prediction's dev score and whether this run is one (sam_peft.tasks.constant)
+        "log_history": metrics["log_history"], "dev_histogram": metrics["dev_histogram"],
+        "constant_score": metrics["constant_score"], "constant_class": metrics["constant_class"],
+        "constant": metrics["constant"],
         "settings": {k: v for k, v in profile.settings.items()}, "variant_settings": overrides,
         "git_commit": _git_commit(), "command": command,
     }
@@ -114,10 +119,11 @@ def _device() -> str:
 
 
 def choose_lrs(grid_file: str | Path) -> dict[str, float]:
-    """Each method's learning rate chosen on a results file of the lrgrid profile (see `choose_lrs_from_records`)."""
+    """Each method's learning rate chosen on a results file of a learning-rate search (the lrgrid or lrsearch
+    profile; see `choose_lrs_from_records`)."""
     records = read_records(Path(grid_file))
     if not records:
-        raise ValueError(f"{grid_file} holds no finished runs; run the lrgrid profile first.")
+        raise ValueError(f"{grid_file} holds no finished runs; run the learning-rate search (lrgrid, lrsearch) first.")
     return choose_lrs_from_records(records)
 
 
@@ -161,12 +167,20 @@ def run_profile(profile_name: str, *, name: str | None = None, results_dir: str 
                 lrs_from: str | None = None, command: str = "") -> Path:
     """Run (or continue) a profile; returns the results file.
 
-    `lrs_from`: a results file of the lrgrid profile; each method then uses the learning rate it chose.
+    `lrs_from`: a results file of a learning-rate search (lrgrid, lrsearch); each method then uses the learning rate
+    it chose. A profile that names its search (`Profile.lrs_from`) runs only with one that covers all its methods.
     """
     profile = PROFILES[profile_name]
+    if profile.lrs_from and not lrs_from:
+        raise ValueError(f"profile {profile_name!r} takes its learning rates from the {profile.lrs_from} profile's "
+                         f"results: pass --lrs-from {results_dir}/{profile.lrs_from}.jsonl.")
     if lrs_from:
         chosen = choose_lrs(lrs_from)
         logger.info("learning rates chosen on %s: %s", lrs_from, chosen)
+        missing = [m for m in profile.methods if m not in chosen] if profile.lrs_from else []
+        if missing:
+            raise ValueError(f"{lrs_from} chose no learning rate for {', '.join(missing)} (no rate finished every task "
+                             f"of the search); finish the {profile.lrs_from} profile first.")
         profile = dataclasses.replace(profile, lrs={**profile.lrs, **chosen})
     cores = os.cpu_count() or 1
     if jobs < 1 or jobs > cores:

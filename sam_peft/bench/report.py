@@ -1,5 +1,6 @@
-"""`sam-peft bench report`: Table 1 (mean ± std, ranks), Table 5 (t-tests of SAM against each method),
-the stability/performance rank correlation (Fig. 4) and the sparsity sweep (Fig. 5), as markdown and PNG."""
+"""`sam-peft bench report`: how many runs predict a constant, Table 1 (mean ± std, ranks), Table 5 (t-tests of SAM
+against each method), the stability/performance rank correlation (Fig. 4) and the sparsity sweep (Fig. 5), as
+markdown and PNG. A task where a compared method's runs are mostly constant is left out of the comparison."""
 
 from __future__ import annotations
 
@@ -24,8 +25,83 @@ def _by(records, *keys):
     return out
 
 
+def mark_constant(records: list[dict], data_dir: str | None = None) -> None:
+    """Give records written before the `constant` field one, in place: a run is constant when its dev metric equals
+    what a constant prediction of some class scores on that dev split (computed from the labels in `data_dir`);
+    `constant` is None (unknown) for a classification task without `data_dir`. Regression needs no data: any
+    constant prediction scores 0.0."""
+    from ..tasks import load_task, resolve_task
+    from ..tasks.constant import constant_baseline, matches_constant
+
+    baselines: dict[tuple, dict | None] = {}
+    for r in records:
+        if "constant" in r:
+            continue
+        limit = (r.get("settings") or {}).get("limit")
+        key = (r["task"], limit)
+        if key not in baselines:
+            if resolve_task(r["task"]).is_regression:
+                baselines[key] = constant_baseline(r["task"], [0.0, 1.0])
+            elif data_dir is None:
+                baselines[key] = None
+            else:
+                labels = load_task(r["task"], data_dir, limit=limit)["dev"]["label"]
+                baselines[key] = constant_baseline(r["task"], labels)
+        baseline = baselines[key]
+        r["constant_score"] = None if baseline is None else baseline["constant_score"]
+        r["constant"] = None if baseline is None else matches_constant(r["metric"], baseline["constant_scores"])
+
+
+def constant_counts(records: list[dict]) -> dict[tuple[str, str], tuple[int, int, int]]:
+    """(method, task) -> (constant runs, runs of unknown status, runs)."""
+    return {key: (sum(r.get("constant") is True for r in runs), sum(r.get("constant") is None for r in runs),
+                  len(runs))
+            for key, runs in _by(records, "method", "task").items()}
+
+
+def mostly_constant(records: list[dict]) -> set[tuple[str, str]]:
+    """The (method, task) cells where more than half of the runs are constant."""
+    return {key for key, (constant, _, total) in constant_counts(records).items() if 2 * constant > total}
+
+
+def constant_table(records: list[dict]) -> str:
+    """Per task and method, how many runs are constant, and each task's constant-prediction dev score."""
+    from ..tasks import resolve_task
+
+    counts = constant_counts(records)
+    methods = sorted({r["method"] for r in records})
+    tasks = [t for t in TASK_ORDER if any(r["task"] == t for r in records)]
+    tasks += sorted({r["task"] for r in records} - set(tasks))
+    lines = ["| task | constant score | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for task in tasks:
+        scores = {round(r["constant_score"], 2) for r in records if r["task"] == task
+                  and r.get("constant_score") is not None}
+        score = " / ".join(f"{s:.2f}" for s in sorted(scores)) or "unknown"
+        cells = []
+        for method in methods:
+            constant, unknown, total = counts.get((method, task), (0, 0, 0))
+            cells.append("-" if not total else f"{constant} / {total}" + (f" ({unknown} unknown)" if unknown else ""))
+        lines.append(f"| {task} | {score} | " + " | ".join(cells) + " |")
+    classification = [r for r in records if not resolve_task(r["task"]).is_regression]
+    constant = sum(r.get("constant") is True for r in classification)
+    unknown = sum(r.get("constant") is None for r in classification)
+    note = (f" The status of {unknown} runs is unknown: their records predate the `constant` field; pass --data-dir "
+            "to compute it from the dev labels." if unknown else "")
+    return ("A run is constant when it predicted one class for every dev example or scored what the best constant "
+            "prediction scores (records without a histogram: what the constant prediction of any class scores); "
+            "for regression (stsb) a constant prediction scores 0.0. Each cell: constant runs / runs. "
+            f"Classification runs: {constant} of {len(classification)} constant.{note}\n\n" + "\n".join(lines))
+
+
+def _cell(values: list[float]) -> str:
+    """Mean ± sample std of a cell; a single run has no std and shows its value alone."""
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
 def table1(records: list[dict]) -> tuple[str, dict]:
-    """Markdown table of mean ± std (over seeds) per task, the average over tasks, and ranks."""
+    """Markdown table of mean ± std (over seeds) per task, the averages over tasks, the two std statistics and
+    ranks. Tasks where some method's runs are mostly constant (`mostly_constant`) are shown but left out of
+    everything a comparison rests on: the comparable mean, both stds and the ranks."""
     records = [r for r in records if r.get("sparsity") in (None, 0.005)]
     methods = sorted({r["method"] for r in records})
     # compare methods on the same runs: per task, only the seeds every method has finished
@@ -36,37 +112,58 @@ def table1(records: list[dict]) -> tuple[str, dict]:
     cells = _by(records, "method", "task")
     # a partial results file: report the tasks every method has finished
     tasks = [t for t in TASK_ORDER if all(cells.get((m, t)) for m in methods)]
-    summary = {}
-    for method in methods:
-        per_task = {t: [r["metric"] for r in cells.get((method, t), [])] for t in tasks}
-        if not all(per_task.values()):
-            continue
-        seeds = sorted({r["seed"] for t in tasks for r in cells[(method, t)]})
-        averages = [np.mean([r["metric"] for t in tasks for r in cells[(method, t)] if r["seed"] == s])
-                    for s in seeds if all(any(r["seed"] == s for r in cells[(method, t)]) for t in tasks)]
-        summary[method] = {
-            "tasks": {t: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v))
-                      for t, v in per_task.items()},
-            "mean": float(np.mean([np.mean(v) for v in per_task.values()])),
-            # stability: std over seeds of the per-seed average over tasks
-            "std": float(np.std(averages, ddof=1)) if len(averages) > 1 else float("nan"),
-            "seeds": len(averages),
-        }
-    order = sorted(summary, key=lambda m: -summary[m]["mean"])
-    std_order = sorted(summary, key=lambda m: (math.isnan(summary[m]["std"]), summary[m]["std"]))
-    for rank, method in enumerate(order, 1):
-        summary[method]["rank"] = rank
-        summary[method]["stability_rank"] = std_order.index(method) + 1
     if not tasks:
         return "No task has results for every method yet.", {}
-    header = "| method | " + " | ".join(tasks) + " | mean | std (seeds) | rank |"
-    lines = [header, "|" + "---|" * (len(tasks) + 4)]
+    constant = mostly_constant(records)
+    comparable = [t for t in tasks if not any((m, t) in constant for m in methods)]
+    summary = {}
+    for method in methods:
+        per_task = {t: [r["metric"] for r in cells[(method, t)]] for t in tasks}
+        seeds = sorted({r["seed"] for t in comparable for r in cells[(method, t)]})
+        averages = [np.mean([r["metric"] for t in comparable for r in cells[(method, t)] if r["seed"] == s])
+                    for s in seeds if all(any(r["seed"] == s for r in cells[(method, t)]) for t in comparable)]
+        task_stds = [np.std(per_task[t], ddof=1) for t in comparable if len(per_task[t]) > 1]
+        summary[method] = {
+            "tasks": {t: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else float("nan"), len(v))
+                      for t, v in per_task.items()},
+            "mean_all": float(np.mean([np.mean(v) for v in per_task.values()])),
+            # the mean a comparison rests on: over the tasks where no method is mostly constant
+            "mean": float(np.mean([np.mean(per_task[t]) for t in comparable])) if comparable else float("nan"),
+            # stability: the std over seeds of the per-seed average over the comparable tasks ...
+            "std": float(np.std(averages, ddof=1)) if len(averages) > 1 else float("nan"),
+            # ... and the paper's "AVG std": the mean over the comparable tasks of each task's std over seeds
+            "avg_std": float(np.mean(task_stds)) if task_stds and len(task_stds) == len(comparable) else float("nan"),
+            "seeds": len(averages),
+        }
+    order = sorted(summary, key=lambda m: (-summary[m]["mean_all"] if not comparable else -summary[m]["mean"]))
+    std_order = sorted(summary, key=lambda m: (math.isnan(summary[m]["std"]), summary[m]["std"]))
+    for rank, method in enumerate(order, 1):
+        summary[method]["rank"] = rank if comparable else None
+        summary[method]["stability_rank"] = std_order.index(method) + 1
+    header = ("| method | " + " | ".join(f"{t} †" if t not in comparable else t for t in tasks)
+              + " | mean (all tasks) | mean (comparable tasks) | std of per-seed means | mean per-task std "
+              "(paper's AVG std) | rank |")
+    lines = [header, "|" + "---|" * (len(tasks) + 6)]
+
+    def number(value: float) -> str:
+        return "n/a" if math.isnan(value) else f"{value:.2f}"
+
     for method in order:
         s = summary[method]
-        row = [f"{s['tasks'][t][0]:.2f} ± {s['tasks'][t][1]:.2f}" for t in tasks]
-        std = "n/a (1 seed)" if math.isnan(s["std"]) else f"{s['std']:.2f}"
-        lines.append(f"| {method} | " + " | ".join(row) + f" | **{s['mean']:.2f}** | {std} | {s['rank']} |")
-    return "\n".join(lines), summary
+        row = [_cell([r["metric"] for r in cells[(method, t)]]) + (" †" if (method, t) in constant else "")
+               for t in tasks]
+        lines.append(f"| {method} | " + " | ".join(row) + f" | {s['mean_all']:.2f} | **{number(s['mean'])}** | "
+                     f"{number(s['std'])} | {number(s['avg_std'])} | {s['rank'] or '-'} |")
+    left_out = [t for t in tasks if t not in comparable]
+    note = ("Cells: mean ± sample std (ddof 1) over seeds; a single run shows its value alone. † after a cell: that "
+            "method's runs on the task are mostly constant (more than half); † after a task: some method is mostly "
+            "constant there, so the task is left out of the comparable mean, both stds and the ranks"
+            + (f" (left out: {', '.join(left_out)})" if left_out else " (none left out)") + ". Std of per-seed means: "
+            "the std over seeds of each seed's average over the comparable tasks. Mean per-task std: the average "
+            "over the comparable tasks of each task's std over seeds (the paper's AVG std).")
+    if not comparable:
+        note += " No task is free of mostly-constant methods, so no method is ranked."
+    return note + "\n\n" + "\n".join(lines), summary
 
 
 def table5(records: list[dict], reference: str = "sam") -> str:
@@ -77,26 +174,34 @@ def table5(records: list[dict], reference: str = "sam") -> str:
 
 def paired_table(records: list[dict], pairs: list[tuple[str, str]], header: str = "a vs b") -> str:
     """Paired t-tests of method a against method b over their matched (profile, task, seed) runs, one row per pair
-    (a pair with fewer than two matched runs is left out), with how often a beat, tied or lost to b."""
+    (a pair with fewer than two matched runs is left out), with how often a beat, tied or lost to b. Tasks where a's
+    or b's runs are mostly constant are left out of that pair's test and named in its row."""
     cells = {(r.get("profile"), r["method"], r["task"], r["seed"]): r["metric"] for r in records}
-    lines = [f"| {header} | pairs | mean difference | wins / ties / losses | t | p |", "|---|---|---|---|---|---|"]
+    constant = mostly_constant(records)
+    lines = [f"| {header} | pairs | mean difference | wins / ties / losses | t | p | left out (mostly constant) |",
+             "|---|---|---|---|---|---|---|"]
     for a_method, b_method in pairs:
-        matched = [(cells[(p, a_method, t, s)], cells[(p, b_method, t, s)]) for (p, m, t, s) in cells
-                   if m == a_method and (p, b_method, t, s) in cells]
+        keys = [(p, t, s) for (p, m, t, s) in cells if m == a_method and (p, b_method, t, s) in cells]
+        left_out = sorted({t for _, t, _ in keys if (a_method, t) in constant or (b_method, t) in constant})
+        matched = [(cells[(p, a_method, t, s)], cells[(p, b_method, t, s)]) for p, t, s in keys if t not in left_out]
+        name = f"{a_method} vs {b_method}" if header == "a vs b" else b_method
         if len(matched) < 2:
+            if keys:
+                lines.append(f"| {name} | {len(matched)} | - | - | - | - | {', '.join(left_out) or '-'} |")
             continue
         a, b = np.array(matched).T
         diff = a - b
         t, p = stats.ttest_rel(a, b) if np.any(diff != diff[0]) else (float("nan"), float("nan"))
         record = f"{int((diff > 0).sum())} / {int((diff == 0).sum())} / {int((diff < 0).sum())}"
-        name = f"{a_method} vs {b_method}" if header == "a vs b" else b_method
-        lines.append(f"| {name} | {len(matched)} | {np.mean(diff):+.2f} | {record} | {t:.2f} | {p:.3g} |")
-    return "\n".join(lines)
+        lines.append(f"| {name} | {len(matched)} | {np.mean(diff):+.2f} | {record} | {t:.2f} | {p:.3g} | "
+                     f"{', '.join(left_out) or '-'} |")
+    return ("Paired t-test (scipy's ttest_rel, two-sided) over matched (task, seed) runs, a − b; a task where a's or "
+            "b's runs are mostly constant is left out of that row.\n\n" + "\n".join(lines))
 
 
 def rank_correlation(summary: dict) -> tuple[float, float]:
     """Spearman correlation between the stability rank and the performance rank (Fig. 4)."""
-    methods = [m for m in summary if not math.isnan(summary[m]["std"])]
+    methods = [m for m in summary if not math.isnan(summary[m]["std"]) and summary[m]["rank"] is not None]
     if len(methods) < 3:
         return float("nan"), float("nan")
     rho, p = stats.spearmanr([summary[m]["rank"] for m in methods], [summary[m]["stability_rank"] for m in methods])
@@ -104,7 +209,8 @@ def rank_correlation(summary: dict) -> tuple[float, float]:
 
 
 def sweep_table(records: list[dict]) -> tuple[str, dict]:
-    """Mean ± std over tasks and seeds of the dev and training-set metrics for each sparsity of SAM (Fig. 5)."""
+    """Mean ± sample std over tasks and seeds of the dev and training-set metrics for each sparsity of SAM (Fig. 5),
+    and how many of the runs are constant."""
     rows = defaultdict(list)
     for r in records:
         if r["method"] == "sam" and r.get("sparsity"):
@@ -113,17 +219,23 @@ def sweep_table(records: list[dict]) -> tuple[str, dict]:
     common = set.intersection(*({(r["task"], r["seed"]) for r in runs} for runs in rows.values())) if rows else set()
     rows = {p: [r for r in runs if (r["task"], r["seed"]) in common] for p, runs in rows.items()}
     data = {}
-    lines = ["| sparsity | runs | dev metric | train metric | train loss |", "|---|---|---|---|---|"]
+    lines = ["| sparsity | runs | dev metric | train metric | train loss | constant runs |", "|---" * 6 + "|"]
+
+    def spread(values: list[float]) -> float:
+        return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
     for p in sorted(rows):
         metric = [r["metric"] for r in rows[p]]
         train = [r["train_metric"] for r in rows[p] if r.get("train_metric") is not None]
         loss = [r["train_loss"] for r in rows[p] if r.get("train_loss") is not None]
-        data[p] = (float(np.mean(metric)), float(np.std(metric)),
-                   float(np.mean(train)) if train else float("nan"), float(np.std(train)) if train else float("nan"),
+        data[p] = (float(np.mean(metric)), spread(metric),
+                   float(np.mean(train)) if train else float("nan"), spread(train),
                    float(np.mean(loss)) if loss else float("nan"))
-        lines.append(f"| {p} | {len(metric)} | {data[p][0]:.2f} ± {data[p][1]:.2f} | "
-                     f"{data[p][2]:.2f} ± {data[p][3]:.2f} | {data[p][4]:.4f} |")
-    return "\n".join(lines), data
+        constant = sum(r.get("constant") is True for r in rows[p])
+        unknown = sum(r.get("constant") is None for r in rows[p])
+        lines.append(f"| {p} | {len(metric)} | {_cell(metric)} | {_cell(train) if train else 'n/a'} | "
+                     f"{data[p][4]:.4f} | {constant}" + (f" ({unknown} unknown)" if unknown else "") + " |")
+    return "Dev and train metric: mean ± sample std over the runs.\n\n" + "\n".join(lines), data
 
 
 def lr_grid_table(records: list[dict]) -> str:
@@ -146,11 +258,11 @@ def lr_grid_table(records: list[dict]) -> str:
 
 
 def _plot_methods(summary: dict, path: Path) -> None:
-    order = sorted(summary, key=lambda m: -summary[m]["mean"])
+    order = sorted(summary, key=lambda m: summary[m]["rank"])
     fig, (left, right) = subplots(1, 2, figsize=(11, 4))
     left.bar(order, [summary[m]["mean"] for m in order], yerr=[summary[m]["std"] for m in order], capsize=4)
-    left.set_ylabel("mean primary metric over tasks (0-100)")
-    left.set_title("performance (error bar: std over seeds)")
+    left.set_ylabel("mean primary metric, comparable tasks (0-100)")
+    left.set_title("performance (error bar: std of per-seed means)")
     left.tick_params(axis="x", rotation=45)
     right.scatter([summary[m]["stability_rank"] for m in order], [summary[m]["rank"] for m in order])
     for m in order:
@@ -192,19 +304,25 @@ def _provenance(records: list[dict]) -> str:
 
 
 def _report_group(record: dict) -> str:
-    """Which part of the report a record belongs to: lrgrid, sweep, perturb (Table 2) or main (Tables 1 and 5)."""
-    if record.get("profile") in ("lrgrid", "sweep"):
-        return record["profile"]
+    """Which part of the report a record belongs to: lrgrid (with lrsearch), sweep, perturb (Table 2) or main
+    (Tables 1 and 5)."""
+    if record.get("profile") in ("lrgrid", "lrsearch"):
+        return "lrgrid"
+    if record.get("profile") == "sweep":
+        return "sweep"
     return "perturb" if (record.get("settings") or {}).get("drop_fraction") else "main"
 
 
-def write_report(results: list[str], output: str, pairs: list[tuple[str, str]] = ()) -> Path:
+def write_report(results: list[str], output: str, pairs: list[tuple[str, str]] = (),
+                 data_dir: str | None = None) -> Path:
     """Write the markdown report (and PNG plots beside it) for one or more results files; `pairs` adds paired
-    t-tests of chosen methods (a, b) over the main runs."""
+    t-tests of chosen methods (a, b) over the main runs; `data_dir` (the task files) lets records written before
+    the `constant` field be judged from the dev labels (otherwise their status is unknown)."""
     # one record per (profile, task, method, seed, sparsity, lr): the last one written wins
     unique = {(r.get("profile"), r["task"], r["method"], r["seed"], r.get("sparsity"), r.get("lr")): r
               for path in results for r in read_records(Path(path))}
     records = list(unique.values())
+    mark_constant(records, data_dir)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     parts = [f"# GLUE/SuperGLUE benchmark report\n\nResults: {', '.join(results)} ({len(records)} runs).\n",
@@ -216,6 +334,7 @@ def write_report(results: list[str], output: str, pairs: list[tuple[str, str]] =
         parts += ["## Learning-rate grid (held-out 10 %)\n", lr_grid_table(groups["lrgrid"])]
     if groups["perturb"]:
         text, _ = table1(groups["perturb"])
+        parts += ["## Constant predictions, Table 2 runs\n", constant_table(groups["perturb"])]
         parts += ["## Table 2: data perturbation (each run drops a different random 10 % of train)\n", text]
     sweep = groups["sweep"]
     records = groups["main"]
@@ -223,15 +342,17 @@ def write_report(results: list[str], output: str, pairs: list[tuple[str, str]] =
     if main:
         text, summary = table1(main)
         rho, p = rank_correlation(summary)
-        correlation = (f"{rho:.3f} (p = {p:.3g})" if not math.isnan(rho)
-                       else "not defined: stability needs at least two seeds per method")
-        parts += ["## Table 1: primary metric on the official dev split, mean ± std over seeds\n", text,
+        correlation = (f"{rho:.3f} (p = {p:.3g}, {len(summary)} methods)" if not math.isnan(rho)
+                       else "not defined: it needs at least two seeds per method and a comparable task")
+        parts += ["## Constant predictions on the official dev split\n", constant_table(main),
+                  "\n## Table 1: primary metric on the official dev split, mean ± std over seeds\n", text,
                   "\n## Table 5: paired t-tests of SAM against each method\n", table5(main),
-                  f"\n## Stability vs performance\n\nSpearman ρ between stability rank and performance rank: "
+                  f"\n## Stability vs performance\n\nSpearman ρ between stability rank (std of per-seed means) and "
+                  "performance rank: "
                   f"{correlation}.\n"]
         if pairs:
             parts += ["\n## Paired comparisons (a − b over matched task and seed runs)\n", paired_table(main, pairs)]
-        if summary:
+        if summary and all(s["rank"] is not None for s in summary.values()):
             plot = out.with_name(out.stem + "-methods.png")
             _plot_methods(summary, plot)
             parts.append(f"![methods]({plot.name})\n")

@@ -14,7 +14,9 @@ def add_parser(sub) -> None:
     glue = bench.add_parser("glue", help="run (or resume) a profile: smoke, quick, paper or sweep")
     glue.add_argument("--profile", default="quick", choices=list(PROFILES),
                       help="smoke (tests), quick (2-core CPU, ~2 h), lrgrid (learning-rate search), paper, "
-                           "perturb (Table 2), sweep (Fig. 5), unified (He et al.'s methods, quick settings)")
+                           "perturb (Table 2), sweep (Fig. 5), unified (He et al.'s methods, quick settings), "
+                           "lrsearch (learning-rate search at 3 epochs, max length 128), evidence (5 seeds at the "
+                           "rates lrsearch chose; needs --lrs-from)")
     glue.add_argument("--name", help="results file name (default: the profile name)")
     glue.add_argument("--results-dir", default="benchmarks/results")
     glue.add_argument("--data-dir", help="directory of the official task files (default: the hub)")
@@ -24,13 +26,16 @@ def add_parser(sub) -> None:
     glue.add_argument("--methods", nargs="+", choices=[*METHODS, *VARIANTS], metavar="METHOD",
                       help="only these methods: " + describe_methods() + "; variants: " + ", ".join(VARIANTS))
     glue.add_argument("--max-runs", type=int, help="stop after this many new runs (run a profile in parts)")
-    glue.add_argument("--lrs-from", help="results file of the lrgrid profile: use each method's chosen learning rate")
+    glue.add_argument("--lrs-from", help="results file of a learning-rate search (lrgrid, lrsearch): use each "
+                                         "method's chosen learning rate")
     glue.set_defaults(func=run_glue)
     report = bench.add_parser("report", help="tables and plots from results files")
     report.add_argument("results", nargs="+", help="results .jsonl files")
     report.add_argument("--output", default="docs/benchmarks-report.md")
     report.add_argument("--pairs", nargs="+", default=[], metavar="A:B",
                         help="also test method A against method B (paired over task and seed), e.g. mam:full")
+    report.add_argument("--data-dir", help="directory of the official task files: judges records written before the "
+                                           "`constant` field from the dev labels (otherwise unknown)")
     report.set_defaults(func=run_report)
     projection = bench.add_parser("projection", help="Fig. 3 curve from a diffpruning run with --reproject-every")
     projection.add_argument("run", help="output directory of the run")
@@ -58,7 +63,7 @@ def run_report(args: argparse.Namespace) -> int:
         if not sep or not a or not b:
             raise SystemExit(f"--pairs {pair!r}: write each pair as METHOD_A:METHOD_B, e.g. mam:full")
         pairs.append((a, b))
-    print(f"report written to {write_report(args.results, args.output, pairs)}")
+    print(f"report written to {write_report(args.results, args.output, pairs, data_dir=args.data_dir)}")
     return 0
 
 

@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         ("dev (official) primary", f"{metrics['metric']:.2f}"),
         *[(f"  {k}", f"{v:.4f}") for k, v in metrics["metrics"].items()
           if isinstance(v, float) and not k.endswith(("runtime", "per_second", "loss"))],
+        ("constant prediction's dev primary", f"{metrics['constant_score']:.2f}"
+         + (" (this run is flagged constant)" if metrics["constant"] else "")),
         ("held-out 10 % primary", f"{metrics['heldout_metrics'].get('primary', float('nan')):.2f}"),
         ("trainable parameters", f"{metrics['trainable_params']:,}"),
         ("adapter file bytes", f"{metrics['delta_bytes']:,}"),
