@@ -86,7 +86,8 @@ def archs() -> list[Arch]:
             hidden_size=D, num_hidden_layers=L, num_attention_heads=4, intermediate_size=FF, image_size=16,
             patch_size=8, num_channels=3, num_labels=3)), "image", None),
         Arch("convnext", lambda: tf.ConvNextForImageClassification(tf.ConvNextConfig(
-            num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], image_size=16, num_labels=3)), "image", None),
+            num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], image_size=16, num_labels=3)),
+            "image", None),
     ]
     return out
 

@@ -160,8 +160,8 @@ def check_delta_load(saved, path: Path, data: bytes, checksum: bool) -> SimpleNa
     # removed exactly.
     base = make_bert()
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
-    identity_changed = changed & {"shapes", "dense names"} or (
-        "metadata base_fingerprint" in changed and delta.metadata.get("base_fingerprint"))
+    identity_changed = changed & {"shapes", "dense names"} or any(
+        f"metadata {key}" in changed and delta.metadata.get(key) for key in ("base_fingerprint", "base_architecture"))
     if identity_changed:
         with pytest.raises(sam_peft.BaseModelMismatchError):
             delta.apply_to(base)
