@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..bench.profiles import PROFILES, VARIANTS
@@ -49,7 +50,7 @@ def run_glue(args: argparse.Namespace) -> int:
 
     path = run_profile(args.profile, name=args.name, results_dir=args.results_dir, model=args.model,
                        data_dir=args.data_dir, jobs=args.jobs, tasks=args.tasks, methods=args.methods,
-                       max_runs=args.max_runs, lrs_from=args.lrs_from, command="sam-peft " + " ".join(sys.argv[1:]))
+                       max_runs=args.max_runs, lrs_from=args.lrs_from, command=_portable_command(sys.argv[1:]))
     print(f"results in {path}")
     return 0
 
@@ -73,3 +74,9 @@ def run_projection(args: argparse.Namespace) -> int:
     curve = write_projection_curve(args.run, args.json, args.png)
     print(f"{len(curve['steps'])} logged steps, projections at {curve['projections']}: {args.json}, {args.png}")
     return 0
+
+
+def _portable_command(argv: list[str]) -> str:
+    """The command as typed, with absolute paths made relative to the working directory: results files are
+    committed and must not name a machine's folders."""
+    return "sam-peft " + " ".join(os.path.relpath(a) if os.path.isabs(a) else a for a in argv)
