@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from torch.func import functional_call
 from ..ranking.budget import placeholder_count
 from ..ranking.signals import SIGNALS
 from ..storage.validation import index_dtype
+from .mixed import MixedBatch, mixed_batch_forward
 from .ops import add_rounded_once, compose, tensor_version, write_at
 
 VALUES_DTYPE = torch.float32
@@ -233,7 +234,12 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
             if a in self.sparsediff_values and any(v.numel() for v in self.sparsediff_values[a].values())
         ]
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, adapter_names: Sequence[str] | MixedBatch | None = None, **kwargs: Any) -> Any:
+        """The base module's forward with θ0 + Δ of the active adapters; with `adapter_names` (one adapter name or
+        `"__base__"` per row), each row with its own adapter (see `mixed`)."""
+        if adapter_names is not None:
+            batch = adapter_names if isinstance(adapter_names, MixedBatch) else MixedBatch.of(adapter_names)
+            return mixed_batch_forward(self, batch, args, kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

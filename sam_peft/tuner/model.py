@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -19,6 +20,7 @@ from ..storage.validation import check_dense_tensors, check_entries, index_dtype
 from .config import SparseDiffConfig
 from .install import select_data_free, sync_trainable
 from .layer import SparseDiffLayer, own_parameters
+from .mixed import BASE, MixedBatch, refuse_unsupported_arguments
 from .peft_type import PREFIX
 from .targets import targets
 from .weight_layers import layer_class_for
@@ -95,11 +97,18 @@ class SparseDiffModel(BaseTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
-        """peft enters this around every forward of the PeftModel: a training forward of an adapter whose
-        data-driven selection has not run is refused (it would tune the placeholder entries)."""
+        """peft enters this around every forward and `generate` of the PeftModel: a training forward of an adapter
+        whose data-driven selection has not run is refused (it would tune the placeholder entries), and
+        `adapter_names` (one adapter per row) reaches every layer."""
+        refuse_unsupported_arguments(kwargs)
         if self.training and torch.is_grad_enabled():
             self._refuse_unselected_training()
-        yield
+        names = kwargs.get("adapter_names")
+        if names is None:
+            yield
+            return
+        with adapter_names_hooks(self.model, set(self.peft_config), names, kwargs):
+            yield
 
     def _refuse_unselected_training(self) -> None:
         for name in self.active_adapters:
@@ -259,6 +268,50 @@ def candidate_modules(model: nn.Module) -> tuple[set[str], set[int]]:
     if skipped:
         logger.warning("Own parameters of these container modules are not tuned: %s", skipped)
     return names, shared
+
+
+# --------------------------------------------------------------------------- mixed batches
+@contextmanager
+def adapter_names_hooks(model: nn.Module, known: set[str], names: Sequence[str], kwargs: dict) -> Iterator[None]:
+    """Route `adapter_names` to every sam-peft layer (as a `MixedBatch`) and every `modules_to_save` wrapper (as
+    peft's list) for one forward or `generate`; beam search repeats each row's name once per beam, the encoder of
+    an encoder-decoder keeps the original names (as peft does for LoRA)."""
+    if model.training:
+        raise ValueError("adapter_names is for inference: call model.eval() first (training a mixed-adapter batch "
+                         "is not supported).")
+    batch = MixedBatch.of(names)
+    unknown = sorted({n for n in batch.names if n != BASE} - known)
+    if unknown:
+        raise ValueError(f"adapter_names names adapters this model does not hold: {unknown}; it holds "
+                         f"{sorted(known)} (and '{BASE}' for the base model).")
+    beams = kwargs.get("num_beams")
+    per_row = list(batch.names)
+    expanded = MixedBatch.of([n for n in per_row for _ in range(beams)]) if isinstance(beams, int) and beams > 1 \
+        else batch
+    handles = []
+
+    def hook_for(mixed: MixedBatch):
+        def inject(module, args, module_kwargs):
+            if isinstance(module, SparseDiffLayer):
+                return args, {**module_kwargs, "adapter_names": mixed}
+            return args, {**module_kwargs, "adapter_names": list(mixed.names)}
+        return inject
+
+    def register(modules, mixed: MixedBatch) -> None:
+        for module in modules:
+            if isinstance(module, (SparseDiffLayer, AuxiliaryTrainingWrapper)):
+                handles.append(module.register_forward_pre_hook(hook_for(mixed), with_kwargs=True))
+
+    try:
+        register(model.modules(), expanded)
+        get_encoder = getattr(model, "get_encoder", None)
+        encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        if expanded is not batch and encoder_decoder and callable(get_encoder):
+            register(get_encoder().modules(), batch)  # registered last: runs last, so its names win
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 # --------------------------------------------------------------------------- identity

@@ -135,7 +135,7 @@ class SparseDiffLinear(_WeightDeltaLayer):
                 tuple(self.merged_adapters), self._epoch)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or kwargs.get("adapter_names") is not None:
             return super().forward(x, *args, **kwargs)
         plan = self._plan
         if plan is not None and plan.holds(self):  # the training hot path: nothing changed since the last call
@@ -158,8 +158,8 @@ class SparseDiffLinear(_WeightDeltaLayer):
         if writable:
             slot = self._slot(adapters, indices)
             # writable means one adapter; no plan for tensors swapped in for one call (functional_call) or
-            # wrapped by torch.func transforms
-            if type(values) is nn.Parameter:
+            # wrapped by torch.func transforms, nor for one row group of a mixed-adapter batch
+            if type(values) is nn.Parameter and adapters == self._active_with_entries():
                 own_values, own_indices = self.sparsediff_values[adapters[0]], self.sparsediff_indices[adapters[0]]
                 self._plan = _Plan(self._plan_key(), values, values.data_ptr(), own_values, own_indices,
                                    own_indices["weight"], base.weight, base.bias, bias_delta, structure, slot)
