@@ -23,6 +23,7 @@ from ..storage.identity import (
 )
 from ..storage.io import load_safetensors_checked, save_safetensors_atomic
 from ..storage.validation import check_entries, index_dtype
+from ..tuner.combine import Combination
 from ..tuner.ops import add_rounded_once, tensor_version, write_at
 from ..tuner.targets import resolve_adapter, targets, tuner_of
 from .packing import flat_view
@@ -35,7 +36,8 @@ _VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # no later one changed its entries. Footprints hold indices only, never a delta (its values, backups, dense head).
 _APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FLAT = "\0flat"  # backup key of the packed (single gather/scatter) path
-METADATA_KEYS = ("base_architecture", "base_fingerprint", "selection", "allocation", "sparsity", "sam_peft_format")
+METADATA_KEYS = ("base_architecture", "base_fingerprint", "selection", "allocation", "sparsity", "sam_peft_format",
+                 "combined_from")
 
 
 @dataclass(frozen=True, eq=False)
@@ -251,6 +253,35 @@ class SparseDelta:
         for name, tensor in other.dense.items():
             dense[name] = dense[name] + tensor if name in dense else tensor.clone()
         return SparseDelta(entries, {**other.shapes, **self.shapes}, dense, dict(self.metadata))
+
+    @classmethod
+    def combine(cls, deltas: list[SparseDelta], weights: list[float], combination_type: str = "linear", *,
+                density: float | None = None, majority_sign_method: str = "total", seed: int = 0) -> SparseDelta:
+        """The deltas combined tensor by tensor over the union of their entries, as `add_weighted_adapter` does:
+        "linear", "ties" or "dare_linear" (see `sam_peft.tuner.combine`). A dense tensor (head) held by one delta is
+        kept as it is; held by several, it is refused (dense heads do not combine entry-wise)."""
+        combination = Combination(tuple(f"delta {j}" for j in range(len(deltas))), tuple(weights), combination_type,
+                                  density, majority_sign_method, seed)
+        shapes: dict[str, list[int]] = {}
+        for delta in deltas:
+            for name, shape in delta.shapes.items():
+                if shapes.setdefault(name, shape) != shape:
+                    raise BaseModelMismatchError(f"'{name}' has different shapes in the deltas.")
+        if len({d.metadata.get("base_fingerprint") for d in deltas}) > 1:
+            raise BaseModelMismatchError("the deltas were recorded on different base models.")
+        dense: dict[str, torch.Tensor] = {}
+        for delta in deltas:
+            for name, tensor in delta.dense.items():
+                if name in dense:
+                    raise ValueError(f"dense tensor '{name}' (a head trained densely) is held by several deltas; "
+                                     "dense heads cannot be combined entry-wise.")
+                dense[name] = tensor.clone()
+        generator = torch.Generator().manual_seed(seed)
+        names = list(dict.fromkeys(name for d in deltas for name in d.entries))
+        entries = {name: combination.combine([d.entries.get(name) for d in deltas], generator) for name in names}
+        record = {**combination.record(), "adapters": None}
+        metadata = {**deltas[0].metadata, "combined_from": json.dumps(record, sort_keys=True)}
+        return cls(entries, shapes, dense, metadata)
 
     # ------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:

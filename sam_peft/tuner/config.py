@@ -52,6 +52,8 @@ class SparseDiffConfig(PeftConfig):
         base_shapes_digest (`str | None`): Digest of the targeted parameters' names and shapes.
         base_architecture (`str | None`): Class name of the base model.
         format_version (`int`): Version of the adapter format; newer unknown versions are refused.
+        combined_from (`dict | None`): Set by `add_weighted_adapter`: the adapters, weights and combination
+            (type, density, sign method, seed) the adapter was built from. Not set by hand.
     """
 
     sparsity: float = field(
@@ -91,6 +93,9 @@ class SparseDiffConfig(PeftConfig):
         default=None, metadata={"help": "Class name of the base model the delta belongs to."}
     )
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "sam-peft adapter format version."})
+    combined_from: dict | None = field(
+        default=None, metadata={"help": "For an adapter built by add_weighted_adapter: its sources and method."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import torch
+import copy
 
+import torch
+from peft.utils.other import ModulesToSaveWrapper
+
+from ..errors import ConfigError
 from ..parallel.collectives import is_sharded
 from ..parallel.fsdp import set_sharded_values
 from ..ranking.budget import budget
 from ..ranking.signals import SIGNALS
 from ..ranking.topk import top_entries
+from .combine import Combination
 from .layer import VALUES_DTYPE
 from .targets import targets
 
@@ -71,3 +76,56 @@ def select_data_free(tuner, adapter_name: str) -> None:
         named_scores = [(t.name, signal.weight_score(t.param, generator)) for t in found]
         chosen = top_entries(named_scores, budget(config.sparsity, config.allocation, [t.param.numel() for t in found]))
     install(tuner, adapter_name, chosen)
+
+
+def add_combined(tuner, adapter_name: str, combination: Combination) -> None:
+    """Add adapter `adapter_name` holding `combination` of selected adapters: on every targeted tensor, the union of
+    their indices with the combined values (`combine.Combination`). Its config records where it came from."""
+    if adapter_name in tuner.peft_config:
+        raise ConfigError(f"adapter '{adapter_name}' already exists; choose a new name or delete_adapter it first.")
+    for name in combination.adapters:
+        if name not in tuner.peft_config:
+            raise ConfigError(f"adapter '{name}' does not exist; the model holds {sorted(tuner.peft_config)}.")
+        tuner.peft_config[name].require_selected(name, "combining it")
+    wrapped = [m for m in tuner.model.modules() if isinstance(m, ModulesToSaveWrapper)
+               and sum(a in m.modules_to_save for a in combination.adapters) > 1]
+    if wrapped:
+        raise ConfigError(f"{len(wrapped)} modules_to_save module(s) (e.g. the task head) are trained densely by "
+                          "several of these adapters; dense heads cannot be combined entry-wise (peft refuses the "
+                          "same for LoRA). Combine adapters that do not share a head.")
+    names = [[t.name for t in targets(tuner, a)] for a in combination.adapters]
+    for adapter, found in zip(combination.adapters[1:], names[1:]):
+        if set(found) != set(names[0]):
+            differ = sorted(set(found) ^ set(names[0]))
+            raise ConfigError(f"adapters '{combination.adapters[0]}' and '{adapter}' target different parameters "
+                              f"(e.g. {differ[:3]}); combine adapters with the same target_modules.")
+    entries = {name: [None] * len(combination.adapters) for name in names[0]}
+    for j, adapter in enumerate(combination.adapters):
+        for target in targets(tuner, adapter):
+            entries[target.name][j] = (target.indices, target.values)
+    generator = torch.Generator().manual_seed(combination.seed)
+    combined = {name: combination.combine(parts, generator) for name, parts in entries.items()}
+    config = copy.deepcopy(tuner.peft_config[combination.adapters[0]])
+    config.counts = {name: int(indices.numel()) for name, (indices, _) in combined.items()}
+    config.combined_from = combination.record()
+    tuner.peft_config[adapter_name] = config
+    try:
+        tuner.inject_adapter(tuner.model, adapter_name)
+        for target in targets(tuner, adapter_name):
+            indices, values = combined[target.name]
+            target.layer.set_entries(adapter_name, target.attr, indices, values)
+        _copy_dense_heads(tuner, adapter_name, combination.adapters)
+    except BaseException:
+        if adapter_name in tuner.peft_config:
+            tuner.delete_adapter(adapter_name)
+        raise
+    sync_trainable(tuner, adapter_name)
+
+
+def _copy_dense_heads(tuner, adapter_name: str, sources: tuple[str, ...]) -> None:
+    """A head trained densely (modules_to_save) by exactly one source adapter is copied as it is."""
+    for wrapper in tuner.model.modules():
+        if isinstance(wrapper, ModulesToSaveWrapper) and adapter_name in wrapper.modules_to_save:
+            owners = [a for a in sources if a in wrapper.modules_to_save]
+            if owners:
+                wrapper.modules_to_save[adapter_name].load_state_dict(wrapper.modules_to_save[owners[0]].state_dict())

@@ -17,8 +17,9 @@ from ..parallel.collectives import is_sharded
 from ..storage.identity import BaseIdentity, architecture_of, check_same_base, shapes_digest, weights_fingerprint
 from ..storage.keys import delta_key, is_delta_key
 from ..storage.validation import check_dense_tensors, check_entries, index_dtype
+from .combine import Combination
 from .config import SparseDiffConfig
-from .install import select_data_free, sync_trainable
+from .install import add_combined, select_data_free, sync_trainable
 from .layer import SparseDiffLayer, own_parameters
 from .mixed import BASE, MixedBatch, refuse_unsupported_arguments
 from .peft_type import PREFIX
@@ -122,6 +123,19 @@ class SparseDiffModel(BaseTuner):
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         for name in self.peft_config:
             sync_trainable(self, name)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "linear", density: float | None = None,
+                             majority_sign_method: str = "total", seed: int = 0) -> None:
+        """Add `adapter_name`, a combination of selected sam-peft adapters over the union of their entries.
+
+        `combination_type`: "linear" (Σ w_j Δ_j), "ties" (trim each delta to its `density` fraction of largest
+        entries, elect signs by `majority_sign_method`, average the agreeing weighted entries) or "dare_linear"
+        (keep each entry with probability `density`, seeded by `seed`, rescale, sum). The new adapter saves and
+        reloads like any other; its config's `combined_from` records the sources. It is not made active.
+        """
+        add_combined(self, adapter_name, Combination(tuple(adapters), tuple(weights), combination_type, density,
+                                                     majority_sign_method, seed))
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         if safe_merge:
