@@ -18,13 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from .layer import SparseDiffLayer
 
 BASE = "__base__"
 # arguments of peft's forward that this tuner does not implement: refused, never ignored
@@ -57,7 +54,7 @@ class MixedBatch:
         return self._on_device[key]
 
 
-def mixed_batch_forward(layer: SparseDiffLayer, batch: MixedBatch, args: tuple, kwargs: dict) -> torch.Tensor:
+def mixed_batch_forward(layer: nn.Module, batch: MixedBatch, args: tuple, kwargs: dict) -> torch.Tensor:
     """`layer`'s output with each row's own adapter (or the base for `"__base__"` and adapters it does not hold)."""
     if not args or not isinstance(args[0], torch.Tensor):
         raise TypeError(f"{layer.module_key}: a mixed-adapter batch needs the input tensor as the first positional "
@@ -93,7 +90,7 @@ def mixed_batch_forward(layer: SparseDiffLayer, batch: MixedBatch, args: tuple, 
     return out
 
 
-def _broadcast_positions(layer: SparseDiffLayer, x: torch.Tensor, size: int) -> bool:
+def _broadcast_positions(layer: nn.Module, x: torch.Tensor, size: int) -> bool:
     """Whether `layer` is an absolute position table read with ids of shape (1, T), broadcast over the batch, as
     BERT-style `position_embeddings` and GPT-2's `wpe` are: known by name, as nothing else tells a broadcast batch
     dimension from a length-1 query dimension (T5's relative attention bias in a decoding step)."""
@@ -102,11 +99,11 @@ def _broadcast_positions(layer: SparseDiffLayer, x: torch.Tensor, size: int) -> 
         and layer.module_key.rsplit(".", 1)[-1] in BROADCAST_POSITION_TABLES
 
 
-def _holds(layer: SparseDiffLayer, name: str) -> bool:
+def _holds(layer: nn.Module, name: str) -> bool:
     return name in layer.sparsediff_values and any(v.numel() for v in layer.sparsediff_values[name].values())
 
 
-def _run(layer: SparseDiffLayer, name: str, args: tuple, kwargs: dict) -> Any:
+def _run(layer: nn.Module, name: str, args: tuple, kwargs: dict) -> Any:
     if layer.disable_adapters or name == BASE or not _holds(layer, name):
         return layer.base_layer(*args, **kwargs)
     return layer._forward_with_deltas([name], *args, **kwargs)
