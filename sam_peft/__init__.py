@@ -8,6 +8,7 @@ from .burnin.callback import SAMCallback
 from .burnin.report import SelectionReport
 from .burnin.select import select_parameters
 from .deltas.delta import SparseDelta
+from .deltas.hotswap import hotswap_adapter, reserve_capacity
 from .deltas.packing import pack_parameters
 from .errors import (
     BaseModelMismatchError,
@@ -36,8 +37,10 @@ __all__ = [
     "SparseDiffConfig",
     "SparseDelta",
     "SparseDiffModel",
+    "hotswap_adapter",
     "pack_parameters",
     "register",
+    "reserve_capacity",
     "select_parameters",
     "selected_indices",
 ]

@@ -152,6 +152,10 @@ class SparseDiffLinear(_WeightDeltaLayer):
         if found is None:
             return matmul(x, base.weight, bias, self.transposed)
         writable, indices, values = found
+        if torch.compiler.is_compiling() and not _needs_grad(x, values, bias):
+            # a graph for inference reads only the entries (graph inputs), no structure built from them: swapping
+            # them in place (`hotswap_adapter`) never recompiles it
+            return matmul(x, compose(base.weight, indices, values), bias, self.transposed)
         structure = self._structure(adapters, indices)
         if writable and torch.compiler.is_compiling():  # no lock, no in-place write in a graph
             return composed_delta_matmul(x, base.weight, bias, values, indices, structure, self.transposed)
@@ -199,11 +203,18 @@ class SparseDiffEmbedding(_WeightDeltaLayer):
         if found is None:
             return torch.nn.functional.embedding(input_ids, base.weight, **options)
         writable, indices, values = found
+        if torch.compiler.is_compiling() and not _needs_grad(input_ids, values, None):
+            return torch.nn.functional.embedding(input_ids, compose(base.weight, indices, values), **options)
         structure = self._structure(adapters, indices)
         if writable and not torch.compiler.is_compiling():  # a graph adds the delta's rows as a separate term
             return written_delta_embedding(input_ids, base.weight, values, structure, self._slot(adapters, indices),
                                            **options)
         return sparse_delta_embedding(input_ids, base.weight, values, structure, **options)
+
+
+def _needs_grad(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or values.requires_grad
+                                        or (bias is not None and bias.requires_grad))
 
 
 def _runs_own_forward(module: nn.Module, cls: type[nn.Module]) -> bool:
