@@ -352,3 +352,55 @@ def test_callback_passes_select_what_one_pass_selects(tmp_path):
     (single, chosen_1), (passes, chosen_n) = results
     assert single.passes == 1 and passes.passes > 2
     assert all(torch.equal(chosen_1[n], chosen_n[n]) for n in chosen_1)
+
+
+# --------------------------------------------------------------------------- 5. data parallel (whole weights)
+
+WORKER = """
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, sys.argv[4])
+import test_burnin_passes as t
+
+rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+try:
+    torch.save(t.rank_selections(rank), out)
+    dist.barrier()
+finally:
+    dist.destroy_process_group()
+"""
+
+
+def rank_selections(rank: int | None) -> dict:
+    """Selections over ranks' halves of 4 batches in several passes (`rank=None`: all 4 batches, one pass)."""
+    import sam_peft
+
+    base, data = make_bert(), conftest.make_batches(4, seed=7, min_id=0, padding=2)
+    result = {}
+    for selection, allocation in (("sam", "global"), ("fisher", "per_tensor")):
+        model = sam_model(copy.deepcopy(base), sparsity=SPARSITY, allocation=allocation)
+        max_bytes = None if rank is None else budgets(statistic_sizes(model, selection))[1]
+        report = sam_peft.select_parameters(model, data if rank is None else data[rank::2], dropout=False,
+                                            progress=False, selection=selection, max_statistics_bytes=max_bytes)
+        result[(selection, allocation)] = (report.passes, sam_peft.selected_indices(model))
+    return result
+
+
+def test_data_parallel_passes_equal_one_process(tmp_path):
+    from pathlib import Path
+
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
+    conftest.run_two_ranks(lambda rank, port: [str(script), str(rank), port, str(outs[rank]),
+                                               str(Path(__file__).parent)], timeout=180)
+    single = rank_selections(None)
+    for out in outs:
+        for case, (passes, chosen) in torch.load(out).items():
+            assert passes > 2 and single[case][0] == 1
+            assert all(torch.equal(chosen[n], single[case][1][n]) for n in chosen), case
