@@ -117,17 +117,17 @@ def _select(model, tuner, adapter_name: str, dataloader, options: BurnInOptions)
         burn_in_start = time.perf_counter()
         stats, steps = run_burn_in(peft_model, found, dataloader, options, sharded)
         burn_in_seconds = time.perf_counter() - burn_in_start
-        statistics_bytes = stats.nbytes
+        held = stats.nbytes
         named_scores = _scores(stats, options, found)
         chosen = _choose(config, found, named_scores, sharded)
         kept = None if sharded else _kept(named_scores, chosen)
     else:
-        chosen, kept, steps, burn_in_seconds, statistics_bytes = _select_in_passes(
+        chosen, kept, steps, burn_in_seconds, held = _select_in_passes(
             peft_model, found, groups, dataloader, options, config)
     _install(model, peft_model, tuner, adapter_name, chosen, resize_ddp=not sharded)
     return SelectionReport.build(tuner, adapter_name, steps=steps, seconds=time.perf_counter() - start,
                                  burn_in_seconds=burn_in_seconds, kept=kept, passes=len(groups),
-                                 statistics_bytes=statistics_bytes)
+                                 statistics_bytes=held)
 
 
 def _plan(found: list[Target], dataloader, options: BurnInOptions, sharded: bool) -> list[list[Target]]:
@@ -165,8 +165,8 @@ def _select_in_passes(peft_model, found: list[Target], groups: list[list[Target]
         if number > 1:
             state.restore()
         began = time.perf_counter()
-        stats, steps = run_burn_in(peft_model, found, dataloader, options, False, group, record,
-                                   f"burn-in {number}/{len(groups)}")
+        stats, steps = run_burn_in(peft_model, found, dataloader, options, sharded=False, group=group, record=record,
+                                   label=f"burn-in {number}/{len(groups)}")
         seconds += time.perf_counter() - began
         record.end_pass(number, device)
         largest = max(largest, stats.nbytes)
