@@ -22,15 +22,16 @@ def batch_count(dataloader) -> int | None:
         return None
 
 
-def batches(dataloader, num_steps: int | None) -> tuple[Iterator, int | None]:
-    """The batches the burn-in reads and how many there will be (None: unknown)."""
+def batches(dataloader, num_steps: int | None, warn: bool = True) -> tuple[Iterator, int | None]:
+    """The batches the burn-in reads and how many there will be (None: unknown); `warn=False` for a pass that
+    rereads them."""
     total = batch_count(dataloader)
     if total == 0:
         raise SelectionError("the burn-in dataloader is empty; pass training batches to select from.")
-    if total is None and num_steps is None:
+    if warn and total is None and num_steps is None:
         logger.warning("the burn-in dataloader (%s) has no length: the burn-in runs until it is exhausted; pass "
                        "num_steps if it is a stream that never ends.", type(dataloader).__name__)
-    if num_steps is not None and total is not None and total < num_steps:
+    if warn and num_steps is not None and total is not None and total < num_steps:
         logger.warning("burn-in asked for %d steps but the dataloader has %d batches; using %d.",
                        num_steps, total, total)
     known = None if total is None else min(num_steps or total, total)

@@ -28,7 +28,8 @@ class SAMCallback(TrainerCallback):
         burn_in_steps: batches of burn-in (None: one pass over the dataloader).
         adapter_name: adapter to select (default: the active one).
         **select_kwargs: passed on to `sam_peft.select_parameters` (e.g. `dropout=False`,
-            `statistics_dtype=torch.bfloat16`, `max_grad_norm=1.0`). The burn-in scores the model's own loss; when
+            `statistics_dtype=torch.bfloat16`, `max_grad_norm=1.0`, `max_statistics_bytes=4 * 2**30` for a burn-in
+            in several passes holding at most 4 GiB of statistics). The burn-in scores the model's own loss; when
             the trainer trains another (`compute_loss_func`, label smoothing, a TRL `loss_type`), pass the same
             as `loss_fn=(model, batch) -> loss`.
 

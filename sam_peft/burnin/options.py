@@ -31,6 +31,7 @@ class BurnInOptions:
     statistics_dtype: torch.dtype | str = torch.float32
     max_grad_norm: float | None = None
     loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None
+    max_statistics_bytes: int | None = None
 
     def __post_init__(self) -> None:
         signal_named(self.selection)
@@ -52,6 +53,9 @@ class BurnInOptions:
                 and self.max_grad_norm > 0):
             raise ConfigError(f"max_grad_norm={self.max_grad_norm!r} must be a positive number (or None: no "
                               "clipping).")
+        if self.max_statistics_bytes is not None and not _positive_int(self.max_statistics_bytes):
+            raise ConfigError(f"max_statistics_bytes={self.max_statistics_bytes!r} must be a positive number of bytes "
+                              "(an int), or None: every statistic in one burn-in pass.")
 
     @property
     def signal(self) -> Signal:

@@ -12,18 +12,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import SelectionError
+from ..errors import ConfigError, SelectionError
 from ..parallel.collectives import Shard, any_rank, check_engine, initialized
 from ..parallel.ddp import ddp_wrappers_of, rebuild_ddp
 from ..parallel.fsdp import sync_shards_requires_grad
 from ..ranking.budget import budget
 from ..ranking.signals import SIGNALS
-from ..ranking.topk import radix_select, top_entries
+from ..ranking.topk import RunningTop, radix_select, top_entries
 from ..tuner.install import install, select_data_free
 from ..tuner.layer import SparseDiffLayer
 from ..tuner.targets import Target, resolve_adapter, targets, tuner_of
 from .batches import batches, burn_in_loss, examples, move
 from .options import BurnInOptions
+from .passes import PassRecord, RandomState, check_replayable, plan_passes, statistics_bytes
 from .report import SelectionReport
 from .statistics import Statistics, fold_gradients, fold_hooks, hutchinson_step
 
@@ -44,6 +45,7 @@ def select_parameters(
     statistics_dtype: torch.dtype | str = torch.float32,
     max_grad_norm: float | None = None,
     loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None,
+    max_statistics_bytes: int | None = None,
 ) -> SelectionReport:
     """Run the burn-in at θ0, score every targeted entry, keep the exact top-k, install the indices.
 
@@ -68,6 +70,12 @@ def select_parameters(
         loss_fn: `(model, batch) -> scalar loss` to score instead of the model's own loss (`outputs.loss`, or the
             first element of a tuple output): pass the loss training uses when it is not the model's (a Trainer's
             `compute_loss_func`, label smoothing, a TRL `loss_type`), or for a model that returns none.
+        max_statistics_bytes: the most bytes of burn-in statistics held at once (None: all in one pass). When the
+            statistics of all targets exceed it, the burn-in runs in several passes over the same batches, each
+            keeping the statistics of a run of consecutive targets that fits, and selects exactly the entries one
+            pass selects, at the cost of one burn-in per pass. The data must be re-iterable (not an iterator; a
+            stream needs `num_steps`) and each pass must replay the first bit for bit (same batches, same random
+            state, which is restored before each pass; checked on the losses). Not under FSDP2.
 
     Returns:
         A `SelectionReport`. The values of the selected entries are zero (the model equals the base model).
@@ -82,7 +90,7 @@ def select_parameters(
     adapter_name = resolve_adapter(tuner, adapter_name)
     config = tuner.peft_config[adapter_name]
     options = BurnInOptions(selection or config.selection, num_steps, per_example, hutchinson_samples, dropout,
-                            progress, statistics_dtype, max_grad_norm, loss_fn)
+                            progress, statistics_dtype, max_grad_norm, loss_fn, max_statistics_bytes)
     previous = config.selection
     config.selection = options.selection
     try:
@@ -103,16 +111,81 @@ def _select(model, tuner, adapter_name: str, dataloader, options: BurnInOptions)
     if dataloader is None:
         raise ValueError(f"selection='{config.selection}' needs data: pass a dataloader of training batches.")
     sharded = _check_engine(found, options)
+    groups = _plan(found, dataloader, options, sharded)
     peft_model = getattr(model, "module", model)
-    burn_in_start = time.perf_counter()
-    stats, steps = run_burn_in(peft_model, found, dataloader, options, sharded)
-    burn_in_seconds = time.perf_counter() - burn_in_start
-    named_scores = _scores(stats, options, found)
-    chosen = _choose(config, found, named_scores, sharded)
+    if len(groups) == 1:
+        burn_in_start = time.perf_counter()
+        stats, steps = run_burn_in(peft_model, found, dataloader, options, sharded)
+        burn_in_seconds = time.perf_counter() - burn_in_start
+        held = stats.nbytes
+        named_scores = _scores(stats, options, found)
+        chosen = _choose(config, found, named_scores, sharded)
+        kept = None if sharded else _kept(named_scores, chosen)
+    else:
+        chosen, kept, steps, burn_in_seconds, held = _select_in_passes(
+            peft_model, found, groups, dataloader, options, config)
     _install(model, peft_model, tuner, adapter_name, chosen, resize_ddp=not sharded)
     return SelectionReport.build(tuner, adapter_name, steps=steps, seconds=time.perf_counter() - start,
-                                 burn_in_seconds=burn_in_seconds, scores=None if sharded else named_scores,
-                                 chosen=chosen)
+                                 burn_in_seconds=burn_in_seconds, kept=kept, passes=len(groups),
+                                 statistics_bytes=held)
+
+
+def _plan(found: list[Target], dataloader, options: BurnInOptions, sharded: bool) -> list[list[Target]]:
+    """The targets of each burn-in pass (one pass unless `max_statistics_bytes` asks for more); refuses what
+    cannot run in several."""
+    groups = plan_passes(found, options.signal, options.statistics_dtype, sharded, options.max_statistics_bytes)
+    if len(groups) == 1:
+        return groups
+    if sharded:
+        raise ConfigError(
+            f"max_statistics_bytes={options.max_statistics_bytes:,} needs {len(groups)} burn-in passes, which FSDP2 "
+            "does not support: each rank already keeps only its own shard's statistics. Use more ranks, "
+            "statistics_dtype=torch.bfloat16, a larger max_statistics_bytes, or select before sharding."
+        )
+    check_replayable(dataloader, options.num_steps, len(groups), options.max_statistics_bytes)
+    return groups
+
+
+def _select_in_passes(peft_model, found: list[Target], groups: list[list[Target]], dataloader,
+                      options: BurnInOptions, config) -> tuple[dict[str, torch.Tensor], torch.Tensor, int, float, int]:
+    """The selection of one burn-in pass, made in one pass per group over the same batches from the same random
+    state: each group's top-k (per tensor), or the running global top-k merged pass by pass. Returns the chosen
+    indices, the kept scores, the steps of a pass, the burn-in seconds of all passes and the largest statistics."""
+    total_bytes = sum(statistics_bytes(t, options.signal, options.statistics_dtype, False) for t in found)
+    logger.info("burn-in in %d passes over the same batches: max_statistics_bytes=%s, statistics of all targets "
+                "%s bytes", len(groups), f"{options.max_statistics_bytes:,}", f"{total_bytes:,}")
+    device = found[0].param.device
+    entry_budget = budget(config.sparsity, config.allocation, [t.param.numel() for t in found])
+    running = RunningTop(entry_budget.ks[0], device) if config.allocation == "global" else None
+    chosen: dict[str, torch.Tensor] = {}
+    kept: list[torch.Tensor] = []
+    record, state = PassRecord(), RandomState(dataloader)
+    seconds, largest, steps = 0.0, 0, 0
+    for number, group in enumerate(groups, 1):
+        if number > 1:
+            state.restore()
+        began = time.perf_counter()
+        stats, steps = run_burn_in(peft_model, found, dataloader, options, sharded=False, group=group, record=record,
+                                   label=f"burn-in {number}/{len(groups)}")
+        seconds += time.perf_counter() - began
+        record.end_pass(number, device)
+        largest = max(largest, stats.nbytes)
+        named_scores = _scores(stats, options, group)
+        if running is not None:
+            running.add(named_scores)
+            continue
+        picked = top_entries(named_scores, budget(config.sparsity, "per_tensor", [t.param.numel() for t in group]))
+        chosen.update(picked)
+        kept.append(_kept(named_scores, picked))
+    if running is not None:
+        chosen = dict(zip((t.name for t in found), running.chosen([t.param.numel() for t in found])))
+        return chosen, running.scores.cpu(), steps, seconds, largest
+    return chosen, torch.cat(kept), steps, seconds, largest
+
+
+def _kept(named_scores, chosen: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The scores of the chosen entries, as float32 on the CPU."""
+    return torch.cat([s.reshape(-1)[chosen[n].to(s.device)].float().cpu() for n, s in named_scores])
 
 
 # ------------------------------------------------------------------------------------------- 1. readiness
@@ -161,16 +234,19 @@ def _check_engine(found: list[Target], options: BurnInOptions) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- 2. the burn-in
-def run_burn_in(peft_model: nn.Module, found: list[Target], dataloader, options: BurnInOptions,
-                sharded: bool) -> tuple[Statistics, int]:
+def run_burn_in(peft_model: nn.Module, found: list[Target], dataloader, options: BurnInOptions, sharded: bool,
+                group: list[Target] | None = None, record: PassRecord | None = None,
+                label: str = "burn-in") -> tuple[Statistics, int]:
     """The statistics of `options.signal` over the burn-in batches at θ0 (no update), summed over ranks; and the
-    number of batches read."""
-    stats = Statistics(found, options.signal, options.statistics_dtype, sharded)
+    number of batches read. With a `group` (one pass of several) only its targets' statistics are kept, and the
+    pass `record` replays the first pass's clipping coefficients and checks its losses."""
+    group = found if group is None else group
+    stats = Statistics(group, options.signal, options.statistics_dtype, sharded)
     with _burn_in_mode(peft_model, found, options.dropout):
         if options.selection == "sam_hessian":
-            steps = _hutchinson_pass(peft_model, found, dataloader, options, stats)
+            steps = _hutchinson_pass(peft_model, found, dataloader, options, stats, record, label)
         else:
-            steps = _gradient_pass(peft_model, found, dataloader, options, stats, sharded)
+            steps = _gradient_pass(peft_model, found, group, dataloader, options, stats, sharded, record, label)
     if sharded:
         sync_shards_requires_grad(peft_model)  # FSDP2 gradients were reduce-scattered already
     else:
@@ -178,23 +254,34 @@ def run_burn_in(peft_model: nn.Module, found: list[Target], dataloader, options:
     return stats, steps
 
 
-def _gradient_pass(model, found: list[Target], dataloader, options: BurnInOptions, stats: Statistics,
-                   sharded: bool) -> int:
+def _gradient_pass(model, found: list[Target], group: list[Target], dataloader, options: BurnInOptions,
+                   stats: Statistics, sharded: bool, record: PassRecord | None, label: str) -> int:
     """Backward per batch (per example for FISH); without clipping and with whole weights each gradient is folded
     in (and freed) the moment it is ready, otherwise the batch gradient is folded after backward (clipping needs
-    its norm; FSDP2 hands over reduce-scattered shards after its own hooks)."""
+    its norm; FSDP2 hands over reduce-scattered shards after its own hooks).
+
+    In a pass of several (`record`), the forward is the one pass's (every target requires grad, so the same
+    kernels run), and the backward computes only the gradients of the group's targets (`backward(inputs=...)`),
+    except in the first pass when clipping needs every target's gradient norm; later passes reuse its
+    coefficients."""
     device = found[0].param.device
-    iterator, total = batches(dataloader, options.num_steps)
-    hooked = options.max_grad_norm is None and not sharded
-    handles = fold_hooks(found, stats) if hooked else []  # removed below, whatever happens
+    iterator, total = batches(dataloader, options.num_steps, warn=record is None or not record.replaying)
+    clipping = options.max_grad_norm is not None
+    hooked = not clipping and not sharded
+    needed = found if record is None or (clipping and not record.replaying) else group
+    inputs = None if record is None else list({id(t.param): t.param for t in needed}.values())
+    handles = fold_hooks(group, stats) if hooked else []  # removed below, whatever happens
     steps = 0
     try:
-        for batch in tqdm(iterator, total=total, desc="burn-in", disable=not options.progress):
+        for batch in tqdm(iterator, total=total, desc=label, disable=not options.progress):
             batch = move(batch, device)
             for piece in (examples(batch) if options.per_example_fisher else [batch]):
-                burn_in_loss(model, piece, steps, options.loss_fn).backward()
+                loss = burn_in_loss(model, piece, steps, options.loss_fn)
+                if record is not None:
+                    record.loss(loss)
+                _backward(loss, inputs)
                 if not hooked:
-                    fold_gradients(found, stats, options.max_grad_norm, sharded)
+                    fold_gradients(needed, stats, options.max_grad_norm, sharded, record)
             steps += 1
     finally:
         for handle in handles:
@@ -202,16 +289,36 @@ def _gradient_pass(model, found: list[Target], dataloader, options: BurnInOption
     return _checked_steps(steps, options.num_steps, total)
 
 
-def _hutchinson_pass(model, found: list[Target], dataloader, options: BurnInOptions, stats: Statistics) -> int:
+def _backward(loss: torch.Tensor, inputs: list[torch.Tensor] | None) -> None:
+    """`loss.backward()`, into `inputs` only when given; reentrant activation checkpointing refuses `inputs`."""
+    try:
+        loss.backward(inputs=inputs)
+    except RuntimeError as error:
+        if inputs is None or "checkpoint" not in str(error).lower():
+            raise
+        raise SelectionError(
+            "a burn-in in several passes (max_statistics_bytes) takes each pass's gradients with "
+            "backward(inputs=...), which reentrant activation checkpointing refuses: enable it with "
+            "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}), select before "
+            "enabling it, or pass a larger max_statistics_bytes (one pass)."
+        ) from error
+
+
+def _hutchinson_pass(model, found: list[Target], dataloader, options: BurnInOptions, stats: Statistics,
+                     record: PassRecord | None, label: str) -> int:
+    """Gradient and Hessian probes per batch; a pass of several computes them for every target (the probes and
+    the Hessian-vector products involve them all) and keeps its group's."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     device = found[0].param.device
-    iterator, total = batches(dataloader, options.num_steps)
+    iterator, total = batches(dataloader, options.num_steps, warn=record is None or not record.replaying)
     steps = 0
     with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels have no double backward
-        for batch in tqdm(iterator, total=total, desc="burn-in", disable=not options.progress):
-            hutchinson_step(model, found, move(batch, device), stats, options.hutchinson_samples, steps,
-                            options.max_grad_norm, options.loss_fn)
+        for batch in tqdm(iterator, total=total, desc=label, disable=not options.progress):
+            loss = hutchinson_step(model, found, move(batch, device), stats, options.hutchinson_samples, steps,
+                                   options.max_grad_norm, options.loss_fn)
+            if record is not None:
+                record.loss(loss)
             steps += 1
     return _checked_steps(steps, options.num_steps, total)
 

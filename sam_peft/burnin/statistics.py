@@ -6,6 +6,8 @@ is kept in the statistics dtype, shard-sized under FSDP2 (the local part of each
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -14,9 +16,12 @@ from ..ranking.signals import Signal
 from ..tuner.targets import Target
 from .batches import burn_in_loss
 
+if TYPE_CHECKING:
+    from .passes import PassRecord
+
 
 class Statistics:
-    """{kind: {target name: accumulator}} for the kinds a signal needs."""
+    """{kind: {target name: accumulator}} for the kinds a signal needs, of the targets given (a pass's group)."""
 
     def __init__(self, found: list[Target], signal: Signal, dtype: torch.dtype, sharded: bool) -> None:
         device = found[0].param.device
@@ -25,6 +30,14 @@ class Statistics:
                                        device=device) for t in found}
             for kind in signal.statistics
         }
+
+    def __contains__(self, name: str) -> bool:
+        return any(name in kind for kind in self.tensors.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the accumulators held."""
+        return sum(t.numel() * t.element_size() for kind in self.tensors.values() for t in kind.values())
 
     def fold(self, name: str, grad: torch.Tensor, coef: float = 1.0) -> None:
         """Add one gradient (scaled by a clipping coefficient) to the first-order statistics of `name`."""
@@ -68,26 +81,36 @@ def clip_coefficient(grads: list[torch.Tensor], max_grad_norm: float | None, sha
     return min(1.0, float(max_grad_norm) / (float(square.sqrt()) + 1e-6))
 
 
-def fold_gradients(found: list[Target], stats: Statistics, max_grad_norm: float | None, sharded: bool) -> None:
-    """Fold the batch gradient of every target (its local shard under FSDP2), clipped if asked, then free it."""
+def fold_gradients(found: list[Target], stats: Statistics, max_grad_norm: float | None, sharded: bool,
+                   record: PassRecord | None = None) -> None:
+    """Fold the batch gradient of every target the statistics hold (its local shard under FSDP2), clipped if asked,
+    then free every target's gradient. With a pass `record`, the clipping coefficient is the first pass's."""
     grads = [None if t.param.grad is None else Shard.of(t.param.grad).local for t in found]
-    coef = clip_coefficient([g for g in grads if g is not None], max_grad_norm, sharded)
+
+    def coefficient() -> float:
+        return clip_coefficient([g for g in grads if g is not None], max_grad_norm, sharded)
+
+    coef = coefficient() if record is None else record.coefficient(coefficient)
     for t, grad in zip(found, grads):
         if grad is not None:
-            stats.fold(t.name, grad, coef)
+            if t.name in stats:
+                stats.fold(t.name, grad, coef)
             t.param.grad = None
 
 
 def hutchinson_step(model: nn.Module, found: list[Target], batch: dict, stats: Statistics, samples: int, step: int,
-                    max_grad_norm: float | None = None, loss_fn=None) -> None:
-    """One batch of sam_hessian: the gradient into Σg, and `samples` Rademacher probes z into Σ z⊙Hz."""
+                    max_grad_norm: float | None = None, loss_fn=None) -> torch.Tensor:
+    """One batch of sam_hessian: the gradient into Σg, and `samples` Rademacher probes z into Σ z⊙Hz, for the
+    targets the statistics hold (the gradients and probes of every target are drawn: a pass of a few targets
+    computes exactly what one pass of all computes). Returns the loss."""
     params = [t.param for t in found]
     loss = burn_in_loss(model, batch, step, loss_fn)
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
     coef = clip_coefficient(grads, max_grad_norm, sharded=False)
     for t, g in zip(found, grads):
-        stats.fold(t.name, g.detach(), coef)
+        if t.name in stats:
+            stats.fold(t.name, g.detach(), coef)
     live = [i for i, g in enumerate(grads) if g.requires_grad]  # a parameter the loss does not use has none
     hessian = stats.tensors["hessian_sum"]
     for _ in range(samples if live else 0):
@@ -95,5 +118,6 @@ def hutchinson_step(model: nn.Module, found: list[Target], batch: dict, stats: S
         hvps = torch.autograd.grad([grads[i] for i in live], params, grad_outputs=[probes[i] for i in live],
                                    retain_graph=True, allow_unused=True)
         for t, z, hv in zip(found, probes, hvps):
-            if hv is not None:
+            if hv is not None and t.name in hessian:
                 hessian[t.name].add_(z * hv / samples)
+    return loss

@@ -136,3 +136,50 @@ def _take(shards, groups, ks, prefix, above, device, across_ranks: bool) -> list
             picked.append(take.nonzero().squeeze(1) + (start + shard.start))
         chosen.append(torch.cat(picked).to(device) if picked else torch.empty(0, dtype=torch.int64, device=device))
     return chosen
+
+
+class RunningTop:
+    """The global top-k over score tensors seen a few at a time, in tensor order (`add`), keeping only the k best
+    candidates so far: their float32 scores and global flat positions (12 bytes each), in position order.
+
+    `chosen(sizes)` is the set `top_entries` with one group of k picks over all the tensors at once, ties included:
+    the candidates kept so far precede every new tensor in the concatenated order, so one `radix_select` over
+    [candidates, new tensors...] applies the same rule (earlier tensor, then lower flat index) to all of them.
+    """
+
+    def __init__(self, k: int, device: torch.device) -> None:
+        if k < 0:
+            raise ValueError(f"budget {k} must be non-negative.")
+        self.k = k
+        self.scores = torch.empty(0, dtype=torch.float32, device=device)
+        self.positions = torch.empty(0, dtype=torch.int64, device=device)
+        self.seen = 0  # entries of the tensors added so far
+
+    def add(self, named_scores: Sequence[tuple[str, torch.Tensor]]) -> None:
+        """Merge the next tensors (in order) into the candidates."""
+        check_finite(named_scores)
+        flats = [self.scores] + [scores.detach().reshape(-1) for _, scores in named_scores]
+        shards = [Shard(flat, 0, flat.numel()) for flat in flats]
+        device = self.scores.device
+        chosen = radix_select(shards, Budget((0,) * len(shards), (self.k,)), device, across_ranks=False)
+        offsets, start = [], self.seen
+        for flat in flats[1:]:
+            offsets.append(start)
+            start += flat.numel()
+        self.scores = torch.cat([flat[idx.to(flat.device)].to(device, torch.float32)
+                                 for flat, idx in zip(flats, chosen)])
+        self.positions = torch.cat([self.positions[chosen[0]]]
+                                   + [idx + offset for idx, offset in zip(chosen[1:], offsets)])
+        self.seen = start
+
+    def chosen(self, sizes: Sequence[int]) -> list[torch.Tensor]:
+        """The chosen flat indices (sorted int64) of each tensor added, of these sizes in order."""
+        if sum(sizes) != self.seen:
+            raise ValueError(f"sizes {list(sizes)} cover {sum(sizes)} entries, not the {self.seen} added.")
+        out, start = [], 0
+        for size in sizes:
+            bounds = torch.tensor([start, start + size], device=self.positions.device)
+            lo, hi = torch.searchsorted(self.positions, bounds)
+            out.append(self.positions[int(lo) : int(hi)] - start)
+            start += size
+        return out
