@@ -138,7 +138,7 @@ def _check_ready(tuner, adapter_name: str, found: list[Target]) -> None:
 
 def _check_budget(config, found: list[Target]) -> None:
     """A budgeted selection that would tune no entry at all is refused before any burn-in work."""
-    sizes = [t.param.numel() for t in found]
+    sizes = [t.numel for t in found]
     if max(budget(config.sparsity, config.allocation, sizes).ks) == 0:
         total = sum(sizes) if config.allocation == "global" else max(sizes)
         scope = "all targeted tensors together" if config.allocation == "global" else "the largest targeted tensor"
@@ -271,7 +271,7 @@ def _scores(stats: Statistics, options: BurnInOptions, found: list[Target]) -> l
 def _choose(config, found: list[Target], named_scores, sharded: bool) -> dict[str, torch.Tensor]:
     """The exact top-k under the config's budget: over whole tensors, or over every rank's shards (FSDP2), the same
     indices on every rank."""
-    entry_budget = budget(config.sparsity, config.allocation, [t.param.numel() for t in found])
+    entry_budget = budget(config.sparsity, config.allocation, [t.numel for t in found])
     if not sharded:
         return top_entries(named_scores, entry_budget)
     shards = [Shard(score, Shard.of(t.param).start, t.param.numel()) for t, (_, score) in zip(found, named_scores)]

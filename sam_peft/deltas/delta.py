@@ -84,7 +84,7 @@ class SparseDelta:
         entries, shapes = {}, {}
         for t in targets(tuner, adapter_name):
             entries[t.name] = (t.indices.detach().long().cpu().clone(), t.values.detach().float().cpu().clone())
-            shapes[t.name] = list(t.param.shape)
+            shapes[t.name] = list(t.shape)
         dense = {}
         for name, module in tuner.model.named_modules():
             if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:

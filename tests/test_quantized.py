@@ -1,0 +1,147 @@
+"""Sparse deltas on quantized bases (bitsandbytes 4-bit NF4/FP4 with and without double quantization, 8-bit,
+torchao int8 weight-only): sizes from the logical weight, forward and gradients equal to a float layer holding the
+dequantized weights plus the delta, refusal of kinds without a dequantize path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+from quantized_models import KINDS, batches, dequantized_twin, load_quantized, save_float_llama
+
+import sam_peft
+from sam_peft.errors import ConfigError
+from sam_peft.tuner.ops import compose
+from sam_peft.tuner.quantized_layers import QuantizedLinear
+from sam_peft.tuner.targets import targets
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def float_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    save_float_llama(path)
+    return path
+
+
+def _sam(model, **config):
+    fields = dict(task_type="CAUSAL_LM", selection="magnitude", sparsity=0.02)
+    return get_peft_model(model, sam_peft.SAMConfig(**{**fields, **config}))
+
+
+def _random_values(model, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in targets(model, "default"):
+            t.values.copy_(torch.randn(t.values.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_wraps_with_logical_sizes(float_path, kind):
+    model = _sam(load_quantized(float_path, kind))
+    found = {t.name: t for t in targets(model, "default")}
+    q_proj = found["model.layers.0.self_attn.q_proj.weight"]
+    assert isinstance(q_proj.layer, QuantizedLinear) and q_proj.quantized
+    assert tuple(q_proj.shape) == (64, 64) and q_proj.numel == 4096
+    assert q_proj.values.numel() == int(0.02 * 4096)  # the budget of the logical weight, not the packed storage
+    assert int(q_proj.indices.max()) < 4096
+    assert tuple(found["model.layers.0.mlp.down_proj.weight"].shape) == (64, 128)
+    assert q_proj.layer.in_features == 64 and q_proj.layer.out_features == 64
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("autocast", [False, True])
+def test_forward_and_gradients_equal_float_reference(float_path, kind, autocast):
+    """Output, input gradient and values gradient equal those of a float Linear holding dequantized θ0 + Δ
+    (same kernels: fp32 to 1e-5 relative, bf16 autocast to one bf16 rounding of the output, 1e-2 relative)."""
+    model = _sam(load_quantized(float_path, kind))
+    _random_values(model)
+    layer = model.base_model.model.model.layers[1].mlp.down_proj
+    values = layer.sparsediff_values["default"]["weight"]
+    indices = layer.sparsediff_indices["default"]["weight"].long()
+    x = torch.randn(3, 5, 128, requires_grad=True)
+    ref_values = values.detach().clone().requires_grad_(True)
+    ref_x = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = layer(x)
+        ref = F.linear(ref_x, compose(layer.dequantized(), indices, ref_values))
+    assert out.dtype == ref.dtype == (torch.bfloat16 if autocast else torch.float32)
+    grad = torch.randn(out.shape, dtype=out.dtype)
+    out.backward(grad)
+    ref.backward(grad)
+    tol = dict(rtol=1e-2, atol=1e-2) if autocast else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(x.grad, ref_x.grad, **tol)
+    torch.testing.assert_close(values.grad, ref_values.grad, **tol)
+    assert values.grad.dtype == torch.float32 and values.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8", "torchao_int8"])
+def test_whole_model_equals_dequantized_twin_with_delta(float_path, kind):
+    """The whole quantized model with a delta computes what the float model with the dequantized weights and the
+    same delta (applied as a SparseDelta) computes; the loss gradient of the values is the same."""
+    model = _sam(load_quantized(float_path, kind))
+    _random_values(model)
+    twin = dequantized_twin(float_path, model.base_model.model)
+    twin_model = _sam(twin)
+    sam_peft.SparseDelta.from_peft(model)  # extractable
+    with torch.no_grad():
+        for a, b in zip(targets(model, "default"), targets(twin_model, "default")):
+            b.layer.set_entries("default", b.attr, a.indices.long(), a.values.detach())
+    batch = batches(1)[0]
+    loss = model(**batch).loss
+    twin_loss = twin_model(**batch).loss
+    loss.backward()
+    twin_loss.backward()
+    torch.testing.assert_close(loss, twin_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(targets(model, "default"), targets(twin_model, "default")):
+        torch.testing.assert_close(a.values.grad, b.values.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_no_dense_weight_saved_for_backward(float_path):
+    """Backward keeps the input side and the written values only: no tensor of the weight's size."""
+    model = _sam(load_quantized(float_path, "nf4"))
+    layer = model.base_model.model.model.layers[0].mlp.up_proj  # 128 × 64
+    saved = []
+
+    def pack(t):
+        saved.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(torch.randn(2, 64, requires_grad=True)).sum().backward()
+    assert saved and all(torch.Size(s).numel() < 128 * 64 for s in saved)
+
+
+class FakeQuantLinear(torch.nn.Module):
+    """A GPTQ-style kernel: packed int32 weights in buffers, no dequantize path sam-peft knows."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("qweight", torch.zeros(8, 64, dtype=torch.int32))
+        self.register_buffer("scales", torch.ones(1, 64))
+        self.bias = torch.nn.Parameter(torch.zeros(64))
+
+    def forward(self, x):
+        return x
+
+
+def test_unsupported_quantized_kind_is_refused_before_wrapping(float_path):
+    model = load_quantized(float_path, "nf4")
+    model.model.layers[0].self_attn.o_proj = FakeQuantLinear()
+    with pytest.raises(ConfigError, match="o_proj.*qweight.*bitsandbytes Linear4bit"):
+        _sam(model)
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())  # nothing was wrapped
+    _sam(model, exclude_modules=["o_proj"])  # left out: the rest is tuned
+
+
+def test_torchao_with_activation_quantization_is_refused(float_path):
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(float_path)
+    quantize_(model.model.layers[0].mlp, Int8DynamicActivationInt8WeightConfig())
+    with pytest.raises(ConfigError, match="activation quantization"):
+        _sam(model)
