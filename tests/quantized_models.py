@@ -24,11 +24,11 @@ VOCAB = 128
 
 
 def llama_config(**overrides) -> LlamaConfig:
-    """hidden 64, 2 layers, 4 query / 2 key-value heads, untied embeddings (bitsandbytes' CPU kernels want
-    multiples of 32)."""
+    """hidden 64, 2 layers, 4 query / 2 key-value heads, biases on the attention projections, untied embeddings
+    (bitsandbytes' CPU kernels want multiples of 32)."""
     fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-                  pad_token_id=0, bos_token_id=2, eos_token_id=2)
+                  pad_token_id=0, bos_token_id=2, eos_token_id=2, attention_bias=True)
     return LlamaConfig(**{**fields, **overrides})
 
 

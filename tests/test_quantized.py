@@ -145,3 +145,67 @@ def test_torchao_with_activation_quantization_is_refused(float_path):
     quantize_(model.model.layers[0].mlp, Int8DynamicActivationInt8WeightConfig())
     with pytest.raises(ConfigError, match="activation quantization"):
         _sam(model)
+
+
+# ------------------------------------------------------------------------------------------- burn-in (item 2)
+def _jaccard(a: dict, b: dict) -> float:
+    inter = union = 0
+    for name in a:
+        x, y = set(a[name].tolist()), set(b[name].tolist())
+        inter, union = inter + len(x & y), union + len(x | y)
+    return inter / union
+
+
+def _selected_pair(float_path, kind, selection, **options):
+    quantized = _sam(load_quantized(float_path, kind), selection=selection)
+    twin = _sam(dequantized_twin(float_path, quantized.base_model.model), selection=selection)
+    data = batches(3)
+    for model in (quantized, twin):
+        if selection not in ("magnitude", "random", "bitfit"):
+            sam_peft.select_parameters(model, data, progress=False, **options)
+    return sam_peft.selected_indices(quantized), sam_peft.selected_indices(twin), quantized
+
+
+@pytest.mark.parametrize("kind", ["nf4", "nf4_double", "int8", "torchao_int8"])
+@pytest.mark.parametrize("selection,options", [("sam", {}), ("fisher", {}), ("fisher", {"per_example": True}),
+                                               ("magnitude", {}), ("random", {}), ("bitfit", {})])
+def test_selection_equals_float_reference(float_path, kind, selection, options):
+    """The burn-in on the quantized model selects exactly what the existing burn-in selects on the float model
+    holding the dequantized weights (fp32 statistics): Jaccard 1.0, and the weights never get a .grad."""
+    chosen, reference, model = _selected_pair(float_path, kind, selection, **options)
+    assert chosen.keys() == reference.keys()
+    assert _jaccard(chosen, reference) == 1.0
+    for name in chosen:
+        assert torch.equal(chosen[name], reference[name]), name
+    assert all(t.param.grad is None for t in targets(model, "default"))
+    assert all(t.layer._gradient_sink is None for t in targets(model, "default") if t.quantized)
+
+
+def test_selection_with_bf16_statistics(float_path):
+    """bf16 statistics: the measured Jaccard against the float reference with fp32 statistics (reported, and
+    bounded), and exact agreement with the float reference under the same bf16 statistics."""
+    chosen, reference, _ = _selected_pair(float_path, "nf4", "sam", statistics_dtype=torch.bfloat16)
+    assert _jaccard(chosen, reference) == 1.0
+    fp32, _, _ = _selected_pair(float_path, "nf4", "sam")
+    measured = _jaccard(chosen, fp32)
+    print(f"nf4 burn-in, bf16 vs fp32 statistics: Jaccard {measured:.4f}")
+    assert measured > 0.9
+
+
+def test_gradient_is_folded_in_row_chunks(float_path, monkeypatch):
+    """With a chunk of 16 entries (a quarter of a row of 64), the statistics are those of the one-chunk burn-in."""
+    from sam_peft.tuner import quantized_layers
+
+    whole, _, _ = _selected_pair(float_path, "nf4", "sam")
+    monkeypatch.setattr(quantized_layers, "SINK_CHUNK_ENTRIES", 16)
+    monkeypatch.setattr(quantized_layers.fold_weight_gradient, "__defaults__", (16,))
+    chunked, _, _ = _selected_pair(float_path, "nf4", "sam")
+    assert _jaccard(whole, chunked) == 1.0
+
+
+@pytest.mark.parametrize("selection,options,match", [("sam_hessian", {}, "double backward"),
+                                                     ("sam", {"max_grad_norm": 1.0}, "max_grad_norm")])
+def test_unavailable_burn_ins_are_refused(float_path, selection, options, match):
+    model = _sam(load_quantized(float_path, "nf4"), selection=selection)
+    with pytest.raises(sam_peft.SelectionError, match=match):
+        sam_peft.select_parameters(model, batches(1), progress=False, **options)

@@ -24,6 +24,7 @@ from ..tuner.layer import SparseDiffLayer
 from ..tuner.targets import Target, resolve_adapter, targets, tuner_of
 from .batches import batches, burn_in_loss, examples, move
 from .options import BurnInOptions
+from .quantized import check_quantized_burn_in, gradient_sinks
 from .report import SelectionReport
 from .statistics import Statistics, fold_gradients, fold_hooks, hutchinson_step
 
@@ -103,6 +104,7 @@ def _select(model, tuner, adapter_name: str, dataloader, options: BurnInOptions)
     if dataloader is None:
         raise ValueError(f"selection='{config.selection}' needs data: pass a dataloader of training batches.")
     sharded = _check_engine(found, options)
+    check_quantized_burn_in(found, options, sharded)
     peft_model = getattr(model, "module", model)
     burn_in_start = time.perf_counter()
     stats, steps = run_burn_in(peft_model, found, dataloader, options, sharded)
@@ -129,7 +131,7 @@ def _check_ready(tuner, adapter_name: str, found: list[Target]) -> None:
         raise SelectionError("the adapter targets no parameter; check target_modules / exclude_modules.")
     if all(t.param.device.type == "meta" for t in found):
         raise SelectionError("all targeted parameters are on the meta device; load real weights before selecting.")
-    if not any(t.param.dtype.is_floating_point for t in found):
+    if not any(t.param.dtype.is_floating_point or t.quantized for t in found):
         raise SelectionError("no targeted parameter is a float tensor (a quantized model?); gradients cannot be "
                              "taken: select on a float16/bfloat16/float32 model.")
     if SIGNALS[config.selection].budgeted:
@@ -166,7 +168,7 @@ def run_burn_in(peft_model: nn.Module, found: list[Target], dataloader, options:
     """The statistics of `options.signal` over the burn-in batches at θ0 (no update), summed over ranks; and the
     number of batches read."""
     stats = Statistics(found, options.signal, options.statistics_dtype, sharded)
-    with _burn_in_mode(peft_model, found, options.dropout):
+    with _burn_in_mode(peft_model, found, options.dropout), gradient_sinks(found, stats):
         if options.selection == "sam_hessian":
             steps = _hutchinson_pass(peft_model, found, dataloader, options, stats)
         else:
@@ -186,7 +188,8 @@ def _gradient_pass(model, found: list[Target], dataloader, options: BurnInOption
     device = found[0].param.device
     iterator, total = batches(dataloader, options.num_steps)
     hooked = options.max_grad_norm is None and not sharded
-    handles = fold_hooks(found, stats) if hooked else []  # removed below, whatever happens
+    plain = [t for t in found if not t.quantized]  # quantized weights fold in their own backward
+    handles = fold_hooks(plain, stats) if hooked else []  # removed below, whatever happens
     steps = 0
     try:
         for batch in tqdm(iterator, total=total, desc="burn-in", disable=not options.progress):
@@ -232,6 +235,7 @@ def _burn_in_mode(peft_model: nn.Module, found: list[Target], dropout: bool):
     layers = {id(t.layer): t.layer for t in found}.values()
     disabled = [(layer, layer._disable_adapters) for layer in layers]
     modes = [(module, module.training) for module in peft_model.modules()]
+    found = [t for t in found if not t.quantized]  # a quantized weight takes no gradient (see burnin.quantized)
     grads = [(t.param, t.param.grad) for t in found]  # the caller's: kept out of the statistics, given back after
     try:
         for p, _ in flags:
