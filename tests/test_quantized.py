@@ -209,3 +209,96 @@ def test_unavailable_burn_ins_are_refused(float_path, selection, options, match)
     model = _sam(load_quantized(float_path, "nf4"), selection=selection)
     with pytest.raises(sam_peft.SelectionError, match=match):
         sam_peft.select_parameters(model, batches(1), progress=False, **options)
+
+
+# ------------------------------------------------------------------------------------------- files and identity
+def _trained(float_path, kind):
+    model = _sam(load_quantized(float_path, kind), selection="sam")
+    sam_peft.select_parameters(model, batches(2), progress=False)
+    _random_values(model, seed=3)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["nf4", "nf4_double", "int8", "torchao_int8"])
+def test_save_reload_on_quantized_and_on_float_base(float_path, kind, tmp_path):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    model = _trained(float_path, kind)
+    record = model.peft_config["default"].base_quantization
+    method = {"int8": "bnb_8bit", "torchao_int8": "torchao_int8_weight_only"}.get(kind, "bnb_4bit")
+    assert record["method"] == method and "model.layers.0.self_attn.q_proj.weight" in record["parameters"]
+    assert "model.embed_tokens.weight" not in record["parameters"]
+    model.save_pretrained(tmp_path / "adapter")
+    batch = batches(1, seed=5)[0]
+    with torch.no_grad():
+        expected = model(**batch).logits
+        # a fresh quantized base: the same weights, the same outputs
+        again = PeftModel.from_pretrained(load_quantized(float_path, kind), tmp_path / "adapter")
+        torch.testing.assert_close(again(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+        # the unquantized base (QLoRA-style deployment) is accepted: quantized as recorded it is the same base
+        on_float = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(float_path), tmp_path / "adapter")
+        assert torch.isfinite(on_float(**batch).logits).all()
+    for a, b in zip(targets(model, "default"), targets(on_float, "default")):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.values, b.values)
+    other = tmp_path / "other"
+    save_float_llama(other, seed=1)
+    with pytest.raises(sam_peft.BaseModelMismatchError, match="fingerprint"):
+        PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(other), tmp_path / "adapter")
+
+
+def test_sparse_delta_records_quantization_and_applies_to_float_base(float_path, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    delta = sam_peft.SparseDelta.from_peft(_trained(float_path, "nf4"))
+    assert '"quant_type": "nf4"' in delta.metadata["base_quantization"]
+    delta.save(tmp_path / "delta.safetensors")
+    loaded = sam_peft.SparseDelta.load(tmp_path / "delta.safetensors")
+    base = LlamaForCausalLM.from_pretrained(float_path)
+    before = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    loaded.apply_to(base)
+    assert not torch.equal(base.model.layers[0].self_attn.q_proj.weight, before)
+    loaded.remove_from(base)
+    assert torch.equal(base.model.layers[0].self_attn.q_proj.weight, before)
+    with pytest.raises(sam_peft.BaseModelMismatchError, match="stored quantized"):
+        loaded.apply_to(load_quantized(float_path, "nf4"))
+    other = tmp_path / "other"
+    save_float_llama(other, seed=1)
+    with pytest.raises(sam_peft.BaseModelMismatchError, match="fingerprint"):
+        loaded.apply_to(LlamaForCausalLM.from_pretrained(other))
+
+
+@pytest.mark.parametrize("kind", ["nf4", "nf4_double", "int8", "torchao_int8"])
+def test_merge_requantizes_with_a_warning(float_path, kind):
+    model = _trained(float_path, kind)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    indices, values = layer.entries("default")["weight"]
+    theta0 = layer.dequantized()
+    target = compose(theta0, indices.long(), values.detach())
+    batch = batches(1, seed=5)[0]
+    with pytest.warns(UserWarning, match="quantized again"):
+        model.merge_adapter()
+    merged = layer.dequantized()
+    err = (merged.view(-1)[indices.long()] - target.view(-1)[indices.long()]).abs().mean()
+    assert err < values.abs().mean() / 2  # the merged weight holds the delta, up to re-quantization
+    model.unmerge_adapter()
+    assert torch.equal(layer.dequantized(), theta0)  # the original quantized weight is back
+    with torch.no_grad():
+        adapter_logits = model(**batch).logits
+        with model.disable_adapter():
+            base_logits = model(**batch).logits
+        with pytest.warns(UserWarning, match="quantized again"):
+            unloaded = model.merge_and_unload()
+        assert type(unloaded.model.layers[0].self_attn.q_proj) is type(layer.get_base_layer())
+        merged_logits = unloaded(**batch).logits
+    # the merged model is the adapter's, up to re-quantization: much closer to it than the base is
+    assert (merged_logits - adapter_logits).abs().mean() < (base_logits - adapter_logits).abs().mean() / 2
+
+
+def test_cli_merge_says_which_merge_runs(float_path):
+    from sam_peft.cli.merge import _merge_kind
+
+    model = _trained(float_path, "nf4")
+    said = _merge_kind(model.peft_config["default"], "base-dir")
+    assert "bnb_4bit/nf4" in said and "unquantized base base-dir" in said and "no re-quantization" in said
+    assert "float" in _merge_kind(sam_peft.SAMConfig(), "base-dir")

@@ -6,6 +6,7 @@ import json
 import math
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from ..storage.identity import (
 from ..storage.io import load_safetensors_checked, save_safetensors_atomic
 from ..storage.validation import check_entries, index_dtype
 from ..tuner.ops import add_rounded_once, tensor_version, write_at
+from ..tuner.quantized_layers import DenseWeights, is_quantized_tensor
 from ..tuner.targets import resolve_adapter, targets, tuner_of
 from .packing import flat_view
 
@@ -35,7 +37,8 @@ _VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # no later one changed its entries. Footprints hold indices only, never a delta (its values, backups, dense head).
 _APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FLAT = "\0flat"  # backup key of the packed (single gather/scatter) path
-METADATA_KEYS = ("base_architecture", "base_fingerprint", "selection", "allocation", "sparsity", "sam_peft_format")
+METADATA_KEYS = ("base_architecture", "base_fingerprint", "selection", "allocation", "sparsity", "sam_peft_format",
+                 "base_quantization")
 
 
 @dataclass(frozen=True, eq=False)
@@ -112,6 +115,13 @@ class SparseDelta:
         if missing:
             raise BaseModelMismatchError(f"the model has no parameter(s) {missing[:5]}; this delta belongs to "
                                          "another architecture.")
+        quantized = [n for n in list(self.entries) + list(self.dense) if is_quantized_tensor(params[n])]
+        if quantized:
+            raise BaseModelMismatchError(
+                f"'{quantized[0]}' is stored quantized in this model ({len(quantized)} targeted parameters are): a "
+                "SparseDelta writes entries in place, which a quantized weight cannot hold. Apply it to the "
+                "unquantized base, or load the adapter with PeftModel.from_pretrained on the quantized one."
+            )
         for name, shape in self.shapes.items():
             if list(params[name].shape) != list(shape):
                 raise BaseModelMismatchError(
@@ -132,7 +142,8 @@ class SparseDelta:
         known = _VERIFIED.setdefault(model, {}).get(names)
         if known is not None and known[1] == versions:
             return known[0]
-        actual = weights_fingerprint({n: params[n] for n in names})
+        record = json.loads(self.metadata["base_quantization"]) if self.metadata.get("base_quantization") else None
+        actual = weights_fingerprint(DenseWeights({n: partial(params.__getitem__, n) for n in names}, record))
         _VERIFIED[model][names] = (actual, versions)
         return actual
 

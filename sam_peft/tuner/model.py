@@ -20,7 +20,7 @@ from .config import SparseDiffConfig
 from .install import select_data_free, sync_trainable
 from .layer import SparseDiffLayer, own_parameters
 from .peft_type import PREFIX
-from .quantized_layers import DenseWeights, check_supported
+from .quantized_layers import DenseWeights, check_supported, quantization_record
 from .targets import targets
 from .weight_layers import layer_class_for
 
@@ -270,22 +270,26 @@ def candidate_modules(model: nn.Module) -> tuple[set[str], set[int]]:
 
 
 # --------------------------------------------------------------------------- identity
-def base_identity(tuner, adapter_name: str) -> BaseIdentity:
+def base_identity(tuner, adapter_name: str, quantization: dict | None = None) -> BaseIdentity:
     """Architecture, digest of the names and shapes, and fingerprint (None on the meta device) of the adapter's
-    targeted base weights."""
+    targeted base weights: quantized ones dequantized; float ones that `quantization` (a delta's
+    `base_quantization`) records as quantized are quantized that way and dequantized first (`DenseWeights`)."""
     found = targets(tuner, adapter_name)
     on_meta = any(t.param.device.type == "meta" for t in found)
     return BaseIdentity(architecture_of(tuner.model), shapes_digest({t.name: list(t.shape) for t in found}),
-                        None if on_meta else weights_fingerprint(DenseWeights(found)))
+                        None if on_meta else weights_fingerprint(DenseWeights.of_targets(found, quantization)))
 
 
 def check_base_identity(tuner, config: SparseDiffConfig, adapter_name: str) -> None:
     """Record the base identity in a new config, or refuse a config recorded on another base (`check_same_base`;
     the weights are not compared while another adapter is merged into them)."""
     merged = any(isinstance(m, SparseDiffLayer) and m.merged for m in tuner.model.modules())
-    identity = base_identity(tuner, adapter_name)
     recorded = BaseIdentity.recorded_in(config)
-    if recorded.fingerprint is None and recorded.shapes_digest is None:
+    new = recorded.fingerprint is None and recorded.shapes_digest is None
+    if new:
+        config.base_quantization = quantization_record(targets(tuner, adapter_name))
+    identity = base_identity(tuner, adapter_name, None if new else config.base_quantization)
+    if new:
         if merged:
             logger.warning("Adapter '%s' is added while another is merged: its fingerprint includes that delta.",
                            adapter_name)

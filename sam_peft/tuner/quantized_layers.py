@@ -13,10 +13,13 @@ gradient larger than one chunk ever exists).
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -474,18 +477,74 @@ class QuantizedLinear(SparseDiffLayer):
 
 
 
-class DenseWeights(Mapping):
-    """{target name: θ0 as a float tensor of its logical shape}, dequantized one at a time as it is read (for the
-    base fingerprint: a quantized base is identified by its dequantized weights)."""
+# --------------------------------------------------------------------------------------------- identity
+def quantization_record(found: list) -> dict[str, Any] | None:
+    """What a delta records about its base's quantization (`base_quantization`): the settings of each quantized
+    target and the targets they apply to, e.g. {"method": "bnb_4bit", "quant_type": "nf4", "double_quant": False,
+    "blocksize": 64, "dtype": "float32", "quant_storage": "uint8", "parameters": [...]}; several settings give
+    {"groups": [...]}; None for a float base."""
+    groups: dict[str, tuple[dict, list[str]]] = {}
+    for t in found:
+        if t.quantized:
+            settings = t.layer.quantization()
+            groups.setdefault(json.dumps(settings, sort_keys=True), (settings, []))[1].append(t.name)
+    records = [{**settings, "parameters": names} for settings, names in groups.values()]
+    if not records:
+        return None
+    return records[0] if len(records) == 1 else {"groups": records}
 
-    def __init__(self, found: list) -> None:
-        self._targets = {t.name: t for t in found}
+
+def recorded_settings(record: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """{parameter name: its recorded quantization settings} of a `quantization_record`."""
+    if not record:
+        return {}
+    groups = record["groups"] if "groups" in record else [record]
+    return {name: {k: v for k, v in group.items() if k != "parameters"}
+            for group in groups for name in group["parameters"]}
+
+
+def roundtrip(dense: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
+    """A float weight quantized with recorded `settings` and dequantized again: what a base quantized that way from
+    this weight holds (how an unquantized base is compared with the fingerprint of the quantized one)."""
+    kind = kind_named(settings["method"])
+    with torch.no_grad():
+        weight = kind.quantize_like(dense.detach(), settings, dense.device)
+        return kind.dequantize(SimpleNamespace(weight=weight, state=SimpleNamespace(SCB=None)))
+
+
+class DenseWeights(Mapping):
+    """{name: θ0 as a float tensor of its logical shape}, computed one at a time as it is read (for the base
+    fingerprint): a quantized weight is read dequantized; a float weight that `record` names as quantized in the
+    delta's base is read quantized-and-dequantized with the recorded settings (`roundtrip`), so the unquantized base
+    of a delta trained on a quantized one has its fingerprint, and any other float base does not."""
+
+    def __init__(self, loaders: dict[str, Callable[[], torch.Tensor]], record: dict[str, Any] | None = None,
+                 quantized: frozenset[str] = frozenset()) -> None:
+        settings = recorded_settings(record)
+        self._loaders = {
+            name: (partial(_roundtrip_loaded, load, settings[name]) if name in settings and name not in quantized
+                   else load)
+            for name, load in loaders.items()
+        }
+
+    @classmethod
+    def of_targets(cls, found: list, record: dict[str, Any] | None = None) -> DenseWeights:
+        return cls({t.name: t.dense for t in found}, record, frozenset(t.name for t in found if t.quantized))
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self._targets[name].dense()
+        return self._loaders[name]()
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._targets)
+        return iter(self._loaders)
 
     def __len__(self) -> int:
-        return len(self._targets)
+        return len(self._loaders)
+
+
+def _roundtrip_loaded(load: Callable[[], torch.Tensor], settings: dict[str, Any]) -> torch.Tensor:
+    return roundtrip(load(), settings)
+
+
+def is_quantized_tensor(tensor: torch.Tensor) -> bool:
+    """Whether a parameter is stored quantized (packed integers or a quantized tensor subclass)."""
+    return not tensor.dtype.is_floating_point or type(tensor).__module__.split(".")[0] in _QUANTIZING_LIBRARIES
