@@ -407,7 +407,7 @@ def _plots(out_dir: Path, model: nn.Module, trainer, settings: TrainSettings) ->
         tuner = tuner_of(model)
         adapter = tuner.active_adapters[0]
         counts = tuner.peft_config[adapter].counts or {}
-        numels = {t.name: t.param.numel() for t in targets(tuner, adapter)}
+        numels = {t.name: t.numel for t in targets(tuner, adapter)}
         plot_selection_heatmap(counts, numels, out_dir / "selection_heatmap.png",
                                title=f"{settings.task}: {settings.method}, p={settings.sparsity}")
 

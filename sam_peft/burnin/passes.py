@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 def statistics_bytes(target: Target, signal: Signal, dtype: torch.dtype, sharded: bool) -> int:
     """Bytes of the statistics `signal` keeps for one target (its local shard under FSDP2)."""
-    numel = Shard.of(target.param).local.numel() if sharded else target.param.numel()
+    numel = Shard.of(target.param).local.numel() if sharded else target.numel
     return numel * dtype.itemsize * len(signal.statistics)
 
 

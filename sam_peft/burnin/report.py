@@ -43,7 +43,7 @@ class SelectionReport:
         config = model.peft_config[adapter_name]
         per_parameter, layer_tot, kind_tot = {}, defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
         for t in targets(model, adapter_name):
-            k, n = t.values.numel(), t.param.numel()
+            k, n = t.values.numel(), t.numel
             per_parameter[t.name] = {"selected": k, "numel": n}
             layer, kind = layer_and_kind(t.name)
             for table, key in ((layer_tot, layer), (kind_tot, kind)):

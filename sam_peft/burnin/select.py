@@ -25,6 +25,7 @@ from ..tuner.targets import Target, resolve_adapter, targets, tuner_of
 from .batches import batches, burn_in_loss, examples, move
 from .options import BurnInOptions
 from .passes import PassRecord, RandomState, check_replayable, plan_passes, statistics_bytes
+from .quantized import check_quantized_burn_in, gradient_sinks
 from .report import SelectionReport
 from .statistics import Statistics, fold_gradients, fold_hooks, hutchinson_step
 
@@ -111,6 +112,7 @@ def _select(model, tuner, adapter_name: str, dataloader, options: BurnInOptions)
     if dataloader is None:
         raise ValueError(f"selection='{config.selection}' needs data: pass a dataloader of training batches.")
     sharded = _check_engine(found, options)
+    check_quantized_burn_in(found, options, sharded)
     groups = _plan(found, dataloader, options, sharded)
     peft_model = getattr(model, "module", model)
     if len(groups) == 1:
@@ -155,7 +157,7 @@ def _select_in_passes(peft_model, found: list[Target], groups: list[list[Target]
     logger.info("burn-in in %d passes over the same batches: max_statistics_bytes=%s, statistics of all targets "
                 "%s bytes", len(groups), f"{options.max_statistics_bytes:,}", f"{total_bytes:,}")
     device = found[0].param.device
-    entry_budget = budget(config.sparsity, config.allocation, [t.param.numel() for t in found])
+    entry_budget = budget(config.sparsity, config.allocation, [t.numel for t in found])
     running = RunningTop(entry_budget.ks[0], device) if config.allocation == "global" else None
     chosen: dict[str, torch.Tensor] = {}
     kept: list[torch.Tensor] = []
@@ -174,11 +176,11 @@ def _select_in_passes(peft_model, found: list[Target], groups: list[list[Target]
         if running is not None:
             running.add(named_scores)
             continue
-        picked = top_entries(named_scores, budget(config.sparsity, "per_tensor", [t.param.numel() for t in group]))
+        picked = top_entries(named_scores, budget(config.sparsity, "per_tensor", [t.numel for t in group]))
         chosen.update(picked)
         kept.append(_kept(named_scores, picked))
     if running is not None:
-        chosen = dict(zip((t.name for t in found), running.chosen([t.param.numel() for t in found])))
+        chosen = dict(zip((t.name for t in found), running.chosen([t.numel for t in found])))
         return chosen, running.scores.cpu(), steps, seconds, largest
     return chosen, torch.cat(kept), steps, seconds, largest
 
@@ -202,7 +204,7 @@ def _check_ready(tuner, adapter_name: str, found: list[Target]) -> None:
         raise SelectionError("the adapter targets no parameter; check target_modules / exclude_modules.")
     if all(t.param.device.type == "meta" for t in found):
         raise SelectionError("all targeted parameters are on the meta device; load real weights before selecting.")
-    if not any(t.param.dtype.is_floating_point for t in found):
+    if not any(t.param.dtype.is_floating_point or t.quantized for t in found):
         raise SelectionError("no targeted parameter is a float tensor (a quantized model?); gradients cannot be "
                              "taken: select on a float16/bfloat16/float32 model.")
     if SIGNALS[config.selection].budgeted:
@@ -211,7 +213,7 @@ def _check_ready(tuner, adapter_name: str, found: list[Target]) -> None:
 
 def _check_budget(config, found: list[Target]) -> None:
     """A budgeted selection that would tune no entry at all is refused before any burn-in work."""
-    sizes = [t.param.numel() for t in found]
+    sizes = [t.numel for t in found]
     if max(budget(config.sparsity, config.allocation, sizes).ks) == 0:
         total = sum(sizes) if config.allocation == "global" else max(sizes)
         scope = "all targeted tensors together" if config.allocation == "global" else "the largest targeted tensor"
@@ -242,7 +244,7 @@ def run_burn_in(peft_model: nn.Module, found: list[Target], dataloader, options:
     pass `record` replays the first pass's clipping coefficients and checks its losses."""
     group = found if group is None else group
     stats = Statistics(group, options.signal, options.statistics_dtype, sharded)
-    with _burn_in_mode(peft_model, found, options.dropout):
+    with _burn_in_mode(peft_model, found, options.dropout), gradient_sinks(group, stats):
         if options.selection == "sam_hessian":
             steps = _hutchinson_pass(peft_model, found, dataloader, options, stats, record, label)
         else:
@@ -269,8 +271,11 @@ def _gradient_pass(model, found: list[Target], group: list[Target], dataloader, 
     clipping = options.max_grad_norm is not None
     hooked = not clipping and not sharded
     needed = found if record is None or (clipping and not record.replaying) else group
-    inputs = None if record is None else list({id(t.param): t.param for t in needed}.values())
-    handles = fold_hooks(group, stats) if hooked else []  # removed below, whatever happens
+    # a quantized weight takes no gradient: backward reaches its layer through the anchor its gradient sink holds
+    inputs = None if record is None else list({id(t.param): t.param for t in needed if not t.quantized}.values()) \
+        + [t.layer._gradient_sink[0] for t in needed if t.quantized]
+    plain = [t for t in group if not t.quantized]  # quantized weights fold in their own backward
+    handles = fold_hooks(plain, stats) if hooked else []  # removed below, whatever happens
     steps = 0
     try:
         for batch in tqdm(iterator, total=total, desc=label, disable=not options.progress):
@@ -339,6 +344,7 @@ def _burn_in_mode(peft_model: nn.Module, found: list[Target], dropout: bool):
     layers = {id(t.layer): t.layer for t in found}.values()
     disabled = [(layer, layer._disable_adapters) for layer in layers]
     modes = [(module, module.training) for module in peft_model.modules()]
+    found = [t for t in found if not t.quantized]  # a quantized weight takes no gradient (see burnin.quantized)
     grads = [(t.param, t.param.grad) for t in found]  # the caller's: kept out of the statistics, given back after
     try:
         for p, _ in flags:
@@ -378,7 +384,7 @@ def _scores(stats: Statistics, options: BurnInOptions, found: list[Target]) -> l
 def _choose(config, found: list[Target], named_scores, sharded: bool) -> dict[str, torch.Tensor]:
     """The exact top-k under the config's budget: over whole tensors, or over every rank's shards (FSDP2), the same
     indices on every rank."""
-    entry_budget = budget(config.sparsity, config.allocation, [t.param.numel() for t in found])
+    entry_budget = budget(config.sparsity, config.allocation, [t.numel for t in found])
     if not sharded:
         return top_entries(named_scores, entry_budget)
     shards = [Shard(score, Shard.of(t.param).start, t.param.numel()) for t, (_, score) in zip(found, named_scores)]

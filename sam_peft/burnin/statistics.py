@@ -26,7 +26,7 @@ class Statistics:
     def __init__(self, found: list[Target], signal: Signal, dtype: torch.dtype, sharded: bool) -> None:
         device = found[0].param.device
         self.tensors = {
-            kind: {t.name: torch.zeros(Shard.of(t.param).local.shape if sharded else t.param.shape, dtype=dtype,
+            kind: {t.name: torch.zeros(Shard.of(t.param).local.shape if sharded else t.shape, dtype=dtype,
                                        device=device) for t in found}
             for kind in signal.statistics
         }

@@ -43,8 +43,22 @@ def run(args: argparse.Namespace) -> int:
                                  f"weights ({exc}); evaluate it with `sam-peft eval` or load it with "
                                  "peft.PeftModel.from_pretrained.") from exc
         tokenizer_path = model_path
+        print(_merge_kind(peft_model.peft_config[peft_model.active_adapter], model_path))
     model.save_pretrained(args.output)
     AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(args.output)
     print(f"merged model written to {args.output} from {artifact.describe()} (loads with transformers' "
           "from_pretrained)")
     return 0
+
+
+def _merge_kind(config, model_path: str) -> str:
+    """Which merge ran: into the unquantized base (this command loads the base in float), exact for an adapter
+    trained on a quantized base too (its file records that base's quantization)."""
+    quantization = getattr(config, "base_quantization", None)
+    if not quantization:
+        return f"merged into the base weights of {model_path} (float, rounded once per entry)"
+    groups = quantization.get("groups", [quantization])
+    methods = ", ".join(sorted({"/".join(str(g[k]) for k in ("method", "quant_type") if k in g) for g in groups}))
+    return (f"the adapter was trained on a quantized base ({methods}); it is merged into the unquantized base "
+            f"{model_path} (float weights: exact, no re-quantization). merge_and_unload() on a quantized model "
+            "instead dequantizes, adds and quantizes again, which rounds.")

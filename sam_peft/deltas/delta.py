@@ -6,6 +6,7 @@ import json
 import math
 import weakref
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from ..storage.io import load_safetensors_checked, save_safetensors_atomic
 from ..storage.validation import check_entries, index_dtype
 from ..tuner.combine import Combination
 from ..tuner.ops import add_rounded_once, tensor_version, write_at
+from ..tuner.quantized_layers import DenseWeights, is_quantized_tensor
 from ..tuner.targets import resolve_adapter, targets, tuner_of
 from .packing import flat_view
 
@@ -37,7 +39,7 @@ _VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _APPLIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FLAT = "\0flat"  # backup key of the packed (single gather/scatter) path
 METADATA_KEYS = ("base_architecture", "base_fingerprint", "selection", "allocation", "sparsity", "sam_peft_format",
-                 "combined_from")
+                 "combined_from", "base_quantization")
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,7 +88,7 @@ class SparseDelta:
         entries, shapes = {}, {}
         for t in targets(tuner, adapter_name):
             entries[t.name] = (t.indices.detach().long().cpu().clone(), t.values.detach().float().cpu().clone())
-            shapes[t.name] = list(t.param.shape)
+            shapes[t.name] = list(t.shape)
         dense = {}
         for name, module in tuner.model.named_modules():
             if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
@@ -114,6 +116,13 @@ class SparseDelta:
         if missing:
             raise BaseModelMismatchError(f"the model has no parameter(s) {missing[:5]}; this delta belongs to "
                                          "another architecture.")
+        quantized = [n for n in list(self.entries) + list(self.dense) if is_quantized_tensor(params[n])]
+        if quantized:
+            raise BaseModelMismatchError(
+                f"'{quantized[0]}' is stored quantized in this model ({len(quantized)} targeted parameters are): a "
+                "SparseDelta writes entries in place, which a quantized weight cannot hold. Apply it to the "
+                "unquantized base, or load the adapter with PeftModel.from_pretrained on the quantized one."
+            )
         for name, shape in self.shapes.items():
             if list(params[name].shape) != list(shape):
                 raise BaseModelMismatchError(
@@ -134,7 +143,8 @@ class SparseDelta:
         known = _VERIFIED.setdefault(model, {}).get(names)
         if known is not None and known[1] == versions:
             return known[0]
-        actual = weights_fingerprint({n: params[n] for n in names})
+        record = json.loads(self.metadata["base_quantization"]) if self.metadata.get("base_quantization") else None
+        actual = weights_fingerprint(DenseWeights({n: partial(params.__getitem__, n) for n in names}, record))
         _VERIFIED[model][names] = (actual, versions)
         return actual
 

@@ -73,9 +73,9 @@ def reserve_capacity(model: nn.Module, capacity: dict[str, int] | float, adapter
         for target in targets(tuner, adapter_name):
             size = capacity.get(target.name, target.values.numel()) if isinstance(capacity, dict) \
                 else int(target.values.numel() * capacity)
-            size = min(max(size, target.values.numel()), target.param.numel())
+            size = min(max(size, target.values.numel()), target.numel)
             if size > target.values.numel():
-                indices, values = _padded(target.indices.long(), target.values.detach(), size, target.param.numel())
+                indices, values = _padded(target.indices.long(), target.values.detach(), size, target.numel)
                 target.layer.set_entries(adapter_name, target.attr, indices, values)
     config.counts = {t.name: int(t.values.numel()) for t in targets(tuner, adapter_name)}
 
@@ -90,7 +90,7 @@ def _check(delta: SparseDelta, found: dict, config, adapter_name: str) -> None:
                     f"the delta hot-swapped into adapter '{adapter_name}'")
     for name, (indices, values) in delta.entries.items():
         target = found[name]
-        check_entries(name, indices, values, target.param.numel())
+        check_entries(name, indices, values, target.numel)
         if target.layer.merged:
             raise ValueError(f"{target.layer.module_key} has merged adapters; unmerge them before hot-swapping.")
 
@@ -108,7 +108,7 @@ def _swap(target, indices: torch.Tensor, values: torch.Tensor) -> int:
     if indices.numel() > capacity:
         target.layer.set_entries(target.adapter, target.attr, indices, values)
         return 1
-    indices, values = _padded(indices.long(), values, capacity, target.param.numel())
+    indices, values = _padded(indices.long(), values, capacity, target.numel)
     target.indices.copy_(indices.to(target.indices.device, target.indices.dtype))
     target.values.copy_(values.to(target.values.device, VALUES_DTYPE))
     target.layer.invalidate_caches()

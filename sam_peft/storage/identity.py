@@ -77,6 +77,9 @@ def identity_metadata(config: Any) -> dict[str, str]:
         "allocation": str(get("allocation") or ""),
         "sparsity": repr(get("sparsity")),
         "counts": json.dumps(get("counts") or {}, sort_keys=True),
+        # only for a quantized base: the headers of float-base files are unchanged
+        **({"base_quantization": json.dumps(get("base_quantization"), sort_keys=True)}
+           if get("base_quantization") else {}),
     }
 
 

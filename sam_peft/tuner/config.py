@@ -51,6 +51,9 @@ class SparseDiffConfig(PeftConfig):
         base_fingerprint (`str | None`): Fingerprint of the base weights the delta was recorded on.
         base_shapes_digest (`str | None`): Digest of the targeted parameters' names and shapes.
         base_architecture (`str | None`): Class name of the base model.
+        base_quantization (`dict | None`): The quantization of the targeted base weights (method, settings and the
+            parameters they apply to), recorded when the base is quantized; the unquantized base is then accepted
+            where quantizing it this way gives the recorded fingerprint.
         format_version (`int`): Version of the adapter format; newer unknown versions are refused.
         combined_from (`dict | None`): Set by `add_weighted_adapter`: the adapters, weights and combination
             (type, density, sign method, seed) the adapter was built from. Not set by hand.
@@ -91,6 +94,10 @@ class SparseDiffConfig(PeftConfig):
     )
     base_architecture: str | None = field(
         default=None, metadata={"help": "Class name of the base model the delta belongs to."}
+    )
+    base_quantization: dict | None = field(
+        default=None, metadata={"help": "How the targeted base weights were quantized (None: a float base); see "
+                                        "docs/quantized.md."}
     )
     format_version: int = field(default=FORMAT_VERSION, metadata={"help": "sam-peft adapter format version."})
     combined_from: dict | None = field(

@@ -70,11 +70,11 @@ def select_data_free(tuner, adapter_name: str) -> None:
     signal = SIGNALS[config.selection]
     found = targets(tuner, adapter_name)
     if signal.keeps is not None:
-        chosen = {t.name: torch.arange(t.param.numel(), device=t.param.device) for t in found if signal.keeps(t.name)}
+        chosen = {t.name: torch.arange(t.numel, device=t.param.device) for t in found if signal.keeps(t.name)}
     else:
         generator = torch.Generator().manual_seed(config.seed)
-        named_scores = [(t.name, signal.weight_score(t.param, generator)) for t in found]
-        chosen = top_entries(named_scores, budget(config.sparsity, config.allocation, [t.param.numel() for t in found]))
+        named_scores = [(t.name, signal.weight_score(t.dense(), generator)) for t in found]  # dequantized θ0
+        chosen = top_entries(named_scores, budget(config.sparsity, config.allocation, [t.numel for t in found]))
     install(tuner, adapter_name, chosen)
 
 

@@ -100,6 +100,20 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         """The base layer's own parameters that carry a delta."""
         return {n: p for n, p in own_parameters(self.get_base_layer()).items() if n not in self.skip}
 
+    def parameter_shape(self, name: str) -> torch.Size:
+        """The logical shape of own parameter `name`: what its flat indices address (a quantized weight's (out, in),
+        not its packed storage)."""
+        return self.tuned_parameters()[name].shape
+
+    def is_quantized(self, name: str) -> bool:
+        """Whether own parameter `name` is stored quantized (no gradient, no in-place writes; see
+        `quantized_layers`)."""
+        return False
+
+    def dense_parameter(self, name: str) -> torch.Tensor:
+        """θ0 of own parameter `name` as a float tensor of its logical shape (dequantized if stored quantized)."""
+        return self.tuned_parameters()[name]
+
     def update_layer(self, adapter_name: str, config) -> None:
         """Create the (placeholder) delta of a new adapter; sizes come from `config.counts` when known."""
         values, indices = nn.ParameterDict(), BufferDict(persistent=True)
@@ -109,9 +123,10 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
                 count = int(config.counts.get(full_name, 0))
             else:
                 count = placeholder_count(config.sparsity, config.allocation, SIGNALS[config.selection].budgeted,
-                                          param.numel())
+                                          self.parameter_shape(name).numel())
             values[name] = nn.Parameter(torch.zeros(count, dtype=VALUES_DTYPE, device=param.device))
-            indices[name] = torch.arange(count, dtype=index_dtype(param.numel()), device=param.device)
+            indices[name] = torch.arange(count, dtype=index_dtype(self.parameter_shape(name).numel()),
+                                         device=param.device)
         self.sparsediff_values[adapter_name] = values
         self.sparsediff_indices[adapter_name] = indices
         self.invalidate_caches()
@@ -134,7 +149,8 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         """Install sorted flat `indices` for parameter `name` (its values are set by the caller); returns the base
         parameter. Everything derived from the old indices is dropped."""
         param = self.tuned_parameters()[name]
-        self.sparsediff_indices[adapter_name][name] = indices.to(index_dtype(param.numel())).to(param.device)
+        numel = self.parameter_shape(name).numel()
+        self.sparsediff_indices[adapter_name][name] = indices.to(index_dtype(numel)).to(param.device)
         self.invalidate_caches()
         return param
 
@@ -151,9 +167,10 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         active = self._active_with_entries()
         if len(active) < 2:
             return
-        for name, param in self.tuned_parameters().items():
+        for name in self.tuned_parameters():
+            numel = self.parameter_shape(name).numel()
             indices = [self.sparsediff_indices[a][name] for a in active if name in self.sparsediff_indices[a]]
-            if all(i.device.type != "meta" and (i.numel() == 0 or bool((i.min() >= 0) & (i.max() < param.numel())))
+            if all(i.device.type != "meta" and (i.numel() == 0 or bool((i.min() >= 0) & (i.max() < numel)))
                    for i in indices):
                 self._delta(active, name)
 

@@ -23,6 +23,7 @@ from .install import add_combined, select_data_free, sync_trainable
 from .layer import SparseDiffLayer, own_parameters
 from .mixed import BASE, MixedBatch, refuse_unsupported_arguments
 from .peft_type import PREFIX
+from .quantized_layers import DenseWeights, check_supported, quantization_record
 from .targets import targets
 from .weight_layers import layer_class_for
 
@@ -48,10 +49,17 @@ class SparseDiffModel(BaseTuner):
         self._output_heads = output_head_names(model)
         _check_patterns_match(peft_config, sorted(self._candidates))
         _check_no_overlap_with_modules_to_save(peft_config, sorted(self._candidates))
+        # quantized kernels without a dequantize path (GPTQ, AWQ, ...) are refused before anything is wrapped
+        check_supported([(name, module) for name, module in model.named_modules()
+                         if name and not isinstance(module, BaseTunerLayer) and self._targets(peft_config, name)])
 
     def _check_target_module_exists(self, peft_config: SparseDiffConfig, key: str):
         if key not in self._candidates:
             return False
+        return self._targets(peft_config, key)
+
+    def _targets(self, peft_config: SparseDiffConfig, key: str) -> bool:
+        """Whether the config targets module `key`, were it a candidate (see `candidate_modules`)."""
         if peft_config.target_modules is None:
             if key in self._output_heads:
                 return False  # trainers read the output head's weight directly (e.g. TRL's fused log-probs)
@@ -329,22 +337,26 @@ def adapter_names_hooks(model: nn.Module, known: set[str], names: Sequence[str],
 
 
 # --------------------------------------------------------------------------- identity
-def base_identity(tuner, adapter_name: str) -> BaseIdentity:
+def base_identity(tuner, adapter_name: str, quantization: dict | None = None) -> BaseIdentity:
     """Architecture, digest of the names and shapes, and fingerprint (None on the meta device) of the adapter's
-    targeted base weights."""
-    params = {t.name: t.param for t in targets(tuner, adapter_name)}
-    on_meta = any(p.device.type == "meta" for p in params.values())
-    return BaseIdentity(architecture_of(tuner.model), shapes_digest({n: list(p.shape) for n, p in params.items()}),
-                        None if on_meta else weights_fingerprint(params))
+    targeted base weights: quantized ones dequantized; float ones that `quantization` (a delta's
+    `base_quantization`) records as quantized are quantized that way and dequantized first (`DenseWeights`)."""
+    found = targets(tuner, adapter_name)
+    on_meta = any(t.param.device.type == "meta" for t in found)
+    return BaseIdentity(architecture_of(tuner.model), shapes_digest({t.name: list(t.shape) for t in found}),
+                        None if on_meta else weights_fingerprint(DenseWeights.of_targets(found, quantization)))
 
 
 def check_base_identity(tuner, config: SparseDiffConfig, adapter_name: str) -> None:
     """Record the base identity in a new config, or refuse a config recorded on another base (`check_same_base`;
     the weights are not compared while another adapter is merged into them)."""
     merged = any(isinstance(m, SparseDiffLayer) and m.merged for m in tuner.model.modules())
-    identity = base_identity(tuner, adapter_name)
     recorded = BaseIdentity.recorded_in(config)
-    if recorded.fingerprint is None and recorded.shapes_digest is None:
+    new = recorded.fingerprint is None and recorded.shapes_digest is None
+    if new:
+        config.base_quantization = quantization_record(targets(tuner, adapter_name))
+    identity = base_identity(tuner, adapter_name, None if new else config.base_quantization)
+    if new:
         if merged:
             logger.warning("Adapter '%s' is added while another is merged: its fingerprint includes that delta.",
                            adapter_name)
@@ -367,7 +379,8 @@ def load_entries(model: nn.Module, config: SparseDiffConfig, adapter_name: str, 
     for prefix, module in model.named_modules():  # one walk: the state-dict prefix of every layer
         if not isinstance(module, SparseDiffLayer) or adapter_name not in module.sparsediff_values:
             continue
-        for attr, param in module.tuned_parameters().items():
+        for attr in module.tuned_parameters():
+            numel = module.parameter_shape(attr).numel()
             name = f"{module.module_key}.{attr}"
             idx_key = delta_key(prefix, "indices", adapter_name, attr)
             val_key = delta_key(prefix, "values", adapter_name, attr)
@@ -377,7 +390,7 @@ def load_entries(model: nn.Module, config: SparseDiffConfig, adapter_name: str, 
                     "incomplete or was saved for a different model. Save it again from the trained model."
                 )
             indices, values = state_dict[idx_key], state_dict[val_key]
-            check_entries(name, indices, values, param.numel())
+            check_entries(name, indices, values, numel)
             expected = config.counts.get(name, 0) if config.is_selected else None
             if expected is not None and expected != indices.numel():
                 raise DeltaFileError(
@@ -387,7 +400,7 @@ def load_entries(model: nn.Module, config: SparseDiffConfig, adapter_name: str, 
                     "checkpoint, load it into an adapter that was not selected (SAMCallback then skips selecting)."
                 )
             counts[name] = int(indices.numel())
-            state_dict[idx_key] = indices.to(index_dtype(param.numel()))
+            state_dict[idx_key] = indices.to(index_dtype(numel))
             state_dict[val_key] = values.to(torch.float32)
             if module.sparsediff_values[adapter_name][attr].numel() != indices.numel():
                 module.set_entries(adapter_name, attr, state_dict[idx_key].long())

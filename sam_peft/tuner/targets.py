@@ -29,6 +29,24 @@ class Target:
         return own_parameters(self.layer.get_base_layer())[self.attr]
 
     @property
+    def shape(self) -> torch.Size:
+        """The logical shape of the base parameter (what the flat indices address; a quantized weight's (out, in))."""
+        return self.layer.parameter_shape(self.attr)
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base parameter is stored quantized (it takes no gradient; see `quantized_layers`)."""
+        return self.layer.is_quantized(self.attr)
+
+    def dense(self) -> torch.Tensor:
+        """θ0 as a float tensor of the logical shape (dequantized: a fresh tensor, if stored quantized)."""
+        return self.layer.dense_parameter(self.attr)
+
+    @property
     def values(self) -> nn.Parameter:
         """The adapter's trainable fp32 values of this parameter."""
         return self.layer.sparsediff_values[self.adapter][self.attr]

@@ -28,6 +28,7 @@ from .ops import (
     written_delta_embedding,
     written_delta_matmul,
 )
+from .quantized_layers import QuantizedLinear, check_supported, quantized_kind, unsupported_quantization
 
 
 def _writable(weight: torch.Tensor) -> bool:
@@ -231,6 +232,10 @@ def layer_class_for(module: nn.Module) -> type[SparseDiffLayer]:
     exactly, else the generic layer, which calls the module itself with θ0 + Δ."""
     from transformers.pytorch_utils import Conv1D
 
+    if quantized_kind(module) is not None:
+        return QuantizedLinear
+    if unsupported_quantization(module) is not None:
+        check_supported([(type(module).__name__, module)])  # raises, naming the supported kinds
     if _runs_own_forward(module, nn.Linear):
         return SparseDiffLinear
     if _runs_own_forward(module, Conv1D):
