@@ -111,7 +111,7 @@ def _swap(target, indices: torch.Tensor, values: torch.Tensor) -> int:
     indices, values = _padded(indices.long(), values, capacity, target.numel)
     target.indices.copy_(indices.to(target.indices.device, target.indices.dtype))
     target.values.copy_(values.to(target.values.device, VALUES_DTYPE))
-    target.layer.invalidate_caches()
+    target.layer.invalidate_caches(rebuild=False)  # inference needs no structure: the swap stays O(k)
     return 0
 
 

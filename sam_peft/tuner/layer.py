@@ -154,12 +154,14 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         self.invalidate_caches()
         return param
 
-    def invalidate_caches(self) -> None:
+    def invalidate_caches(self, rebuild: bool = True) -> None:
         """Drop what was derived from the entries or the tensors (structures, θ0 slots, the forward plan) and
-        rebuild the structures, so that a graph compiled later finds them."""
+        rebuild the structures, so that a graph compiled later finds them (`rebuild=False`: the first forward that
+        needs them builds them; inference never does)."""
         self._cache.clear()
         self._epoch += 1
-        self._build_structures()
+        if rebuild:
+            self._build_structures()
 
     def _build_structures(self) -> None:
         """Build what a forward of the active adapters derives from their indices, so that a graph compiled later

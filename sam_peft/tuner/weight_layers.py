@@ -70,9 +70,9 @@ class _WeightDeltaLayer(SparseDiffLayer):
 
     _plan: _Plan | None = None  # what the last call ran with, reused while nothing it depends on changed
 
-    def invalidate_caches(self) -> None:
+    def invalidate_caches(self, rebuild: bool = True) -> None:
         self._plan = None  # it holds a slot and the tensors it was built for
-        super().invalidate_caches()
+        super().invalidate_caches(rebuild)
 
     def _slot(self, adapters: list[str], indices: torch.Tensor) -> DeltaSlot:
         weight = self.get_base_layer().weight
@@ -157,6 +157,10 @@ class SparseDiffLinear(_WeightDeltaLayer):
             # a graph for inference reads only the entries (graph inputs), no structure built from them: swapping
             # them in place (`hotswap_adapter`) never recompiles it
             return matmul(x, compose(base.weight, indices, values), bias, self.transposed)
+        if writable and not torch.compiler.is_compiling() and not _needs_grad(x, values, bias):
+            # inference: the delta written in for the call needs θ0's slot only, no structure (a swap stays O(k))
+            return written_delta_matmul(x, base.weight, bias, values, None, self.transposed,
+                                        self._slot(adapters, indices))
         structure = self._structure(adapters, indices)
         if writable and torch.compiler.is_compiling():  # no lock, no in-place write in a graph
             return composed_delta_matmul(x, base.weight, bias, values, indices, structure, self.transposed)
@@ -206,6 +210,9 @@ class SparseDiffEmbedding(_WeightDeltaLayer):
         writable, indices, values = found
         if torch.compiler.is_compiling() and not _needs_grad(input_ids, values, None):
             return torch.nn.functional.embedding(input_ids, compose(base.weight, indices, values), **options)
+        if writable and not torch.compiler.is_compiling() and not _needs_grad(input_ids, values, None):
+            return written_delta_embedding(input_ids, base.weight, values, None, self._slot(adapters, indices),
+                                           **options)
         structure = self._structure(adapters, indices)
         if writable and not torch.compiler.is_compiling():  # a graph adds the delta's rows as a separate term
             return written_delta_embedding(input_ids, base.weight, values, structure, self._slot(adapters, indices),
