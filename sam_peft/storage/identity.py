@@ -19,7 +19,7 @@ from ..errors import BaseModelMismatchError
 logger = logging.getLogger(__name__)
 
 SAMPLES_PER_TENSOR = 4096
-FORMAT_VERSION = 1  # adapter format written by this sam-peft; newer versions are refused on load
+FORMAT_VERSION = 2  # file format written by this sam-peft (2: encoded entries; 1 still loads); newer is refused
 # Set SAM_PEFT_ALLOW_FINGERPRINT_MISMATCH=1 to load a delta on a base whose weights differ (shapes must match).
 ALLOW_MISMATCH_ENV = "SAM_PEFT_ALLOW_FINGERPRINT_MISMATCH"
 
