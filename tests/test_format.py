@@ -1,0 +1,351 @@
+"""Format 2: each tuned tensor's indices (Rice-coded gaps) and values in one uint8 record; optional bfloat16 /
+float16 values; format-1 files still load; newer formats are refused."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_batches, make_bert, sam_model
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from peft import PeftModel
+from safetensors.torch import load as decode_safetensors
+from safetensors.torch import load_file
+from saved_files import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    NAME,
+    as_format1,
+    assert_same,
+    content,
+    delta_content,
+    file_metadata,
+    flip,
+    layout,
+    randomize,
+    strip_checksum,
+)
+
+import sam_peft
+from sam_peft.deltas.adapter_dir import adapter_summary
+from sam_peft.storage.encoding import ADAPTER_KEYS, decode_entries, decode_tensors, encode_entries
+from sam_peft.storage.identity import FORMAT_VERSION
+
+RECORD = f"base_model.model.{NAME.removesuffix('.weight')}.sparsediff_entries.weight"
+DELTA_RECORD = f"sparse.{NAME}.entries"
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """A selected, randomised SAM adapter saved by this sam-peft (format 2), its SparseDelta file, and the model."""
+    root = tmp_path_factory.mktemp("format2")
+    model = sam_model()
+    sam_peft.select_parameters(model, make_batches(2), dropout=False, progress=False)
+    randomize(model)
+    model.save_pretrained(root / "adapter")
+    delta = sam_peft.SparseDelta.from_peft(model)
+    delta.save(root / "delta.safetensors")
+    return model, delta, root
+
+
+# --------------------------------------------------------------------------- one record
+def _sorted_unique(rng, n: int, k: int) -> torch.Tensor:
+    return torch.from_numpy(np.unique(rng.integers(0, n, size=k, dtype=np.int64)))
+
+
+def _cases():
+    rng = np.random.default_rng(0)
+    return {
+        "empty": torch.zeros(0, dtype=torch.int64),
+        "single at 0": torch.tensor([0]),
+        "single at the end": torch.tensor([999_999]),
+        "first index 0": torch.cat([torch.tensor([0]), _sorted_unique(rng, 10**6, 4000) + 1]),
+        "p = 0.005": _sorted_unique(rng, 1_000_000, 5000),
+        "gaps > 65535": torch.cumsum(torch.from_numpy(rng.integers(1, 2**20, size=300)), 0),
+        "every entry": torch.arange(1000),
+        "clustered rows": torch.cat([torch.arange(r * 4096, r * 4096 + 300) for r in (0, 7, 8, 500)]),
+        "int64 range": torch.tensor([0, 2**31, 2**40 + 3, 2**62, 2**63 - 2]),
+        "mixed tiny and huge gaps": torch.cat([torch.arange(2000), torch.tensor([2**50, 2**50 + 1])]),
+    }
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("values_dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_record_round_trip_is_exact(case, values_dtype):
+    indices = CASES[case]
+    g = torch.Generator().manual_seed(1)
+    # float32 values from random bit patterns (subnormals, -0.0, extremes), finite ones kept; small ones for fp16
+    bits = torch.randint(-(2**31), 2**31 - 1, (indices.numel(),), generator=g, dtype=torch.int64).to(torch.int32)
+    values = bits.view(torch.float32)
+    values = torch.where(torch.isfinite(values), values, torch.zeros(()))
+    if values_dtype == "float16":
+        values = values.clamp(-60000, 60000)
+    record = encode_entries("t", indices, values, values_dtype)
+    assert record.dtype == torch.uint8 and record.dim() == 1
+    got_indices, got_values, got_dtype = decode_entries("t", record)
+    assert got_dtype == values_dtype and got_indices.dtype == torch.int64 and got_values.dtype == torch.float32
+    assert torch.equal(got_indices, indices.long())
+    expected = values.to(getattr(torch, values_dtype)).float()
+    assert torch.equal(got_values.view(torch.int32), expected.view(torch.int32))  # bit-identical, -0.0 included
+
+
+def test_record_size_near_the_gap_entropy():
+    """At p = 0.005 of a 1M-entry tensor (mean gap 200) the indices take ~1.15 bytes per entry, not 4."""
+    indices = _sorted_unique(np.random.default_rng(2), 1_000_000, 5000)
+    record = encode_entries("t", indices, torch.zeros(indices.numel()))
+    index_bytes = record.numel() - 16 - 4 * indices.numel()
+    assert index_bytes / indices.numel() < 1.25, index_bytes / indices.numel()
+
+
+def test_encoding_refuses_unsorted_indices_and_unknown_dtypes():
+    with pytest.raises(ValueError, match="strictly increasing"):
+        encode_entries("t", torch.tensor([3, 3]), torch.zeros(2))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        encode_entries("t", torch.tensor([-1, 3]), torch.zeros(2))
+    with pytest.raises(sam_peft.ConfigError, match="values_dtype='int8'"):
+        encode_entries("t", torch.tensor([1]), torch.zeros(1), "int8")
+    with pytest.raises(sam_peft.ConfigError, match="float16's range"):
+        encode_entries("t", torch.tensor([1]), torch.tensor([1e6]), "float16")
+
+
+def _valid() -> torch.Tensor:
+    return encode_entries("w", torch.tensor([0, 5, 400, 70000]), torch.tensor([1.0, -2.0, 3.0, 4.0]))
+
+
+def _edit(offset: int, value: int):
+    def change(r: torch.Tensor) -> torch.Tensor:
+        r = r.clone()
+        r[offset] = value
+        return r
+    return change
+
+
+BAD_RECORDS = {
+    "not uint8": (lambda r: r.to(torch.int32), "1-D uint8"),
+    "2-D": (lambda r: r.reshape(1, -1), "1-D uint8"),
+    "shorter than the header": (lambda r: r[:10], "shorter than its 16-byte header"),
+    "too many entries claimed": (_edit(0, 200), "claims 200 entries"),
+    "fewer entries claimed": (_edit(0, 3), "unary-coded gaps for 3 entries"),
+    "unknown values dtype": (_edit(8, 7), "unknown values dtype code 7"),
+    "Rice parameter too large": (_edit(9, 63), "Rice parameter 63"),
+    "reserved byte set": (_edit(12, 1), "reserved header bytes"),
+    "truncated gaps": (lambda r: r[:-1], "unary-coded gaps"),
+    "trailing byte": (lambda r: torch.cat([r, torch.zeros(1, dtype=torch.uint8)]), "bytes after the last gap"),
+    "empty with a parameter": (lambda r: torch.tensor([0] * 9 + [3] + [0] * 6, dtype=torch.uint8),
+                               "Rice parameter 3 without entries"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RECORDS))
+def test_malformed_record_is_refused_naming_it(case):
+    damage, words = BAD_RECORDS[case]
+    with pytest.raises(sam_peft.DeltaFileError) as info:
+        decode_entries("base_model.model.x.sparsediff_entries.w", damage(_valid()))
+    assert "'base_model.model.x.sparsediff_entries.w'" in str(info.value) and words in str(info.value), info.value
+
+
+def test_record_beside_its_format1_tensors_is_refused():
+    tensors = {"m.sparsediff_entries.w": _valid(), "m.sparsediff_indices.w": torch.tensor([1])}
+    with pytest.raises(sam_peft.DeltaFileError, match="both the record"):
+        decode_tensors(tensors, ADAPTER_KEYS)
+
+
+# --------------------------------------------------------------------------- files
+def test_adapter_file_is_format_2_and_loads_exactly(written, tmp_path):
+    model, _, root = written
+    raw = (root / "adapter" / MODEL_FILE).read_bytes()
+    metadata = file_metadata(raw)
+    assert (metadata["sam_peft_format"], metadata["sam_peft_index_encoding"], metadata["sam_peft_values_dtype"]) == (
+        str(FORMAT_VERSION), "rice-gaps", "float32")
+    assert json.loads((root / "adapter" / CONFIG_FILE).read_text())["format_version"] == FORMAT_VERSION == 2
+    tensors = decode_safetensors(raw)
+    assert tensors[RECORD].dtype == torch.uint8
+    assert not any(".sparsediff_indices." in k or ".sparsediff_values." in k for k in tensors)
+    # checksums cover the records: the digest of every stored tensor, records included
+    assert len(json.loads(metadata["sam_peft_checksums"])["tensors"]) == len(tensors)
+    assert_same(content(PeftModel.from_pretrained(make_bert(), root / "adapter")), content(model))
+
+
+def test_delta_file_is_format_2_and_loads_exactly(written):
+    _, delta, root = written
+    raw = (root / "delta.safetensors").read_bytes()
+    metadata = file_metadata(raw)
+    assert (metadata["sam_peft_format"], metadata["sam_peft_values_dtype"]) == ("2", "float32")
+    assert decode_safetensors(raw)[DELTA_RECORD].dtype == torch.uint8
+    assert_same(delta_content(sam_peft.SparseDelta.load(root / "delta.safetensors")), delta_content(delta))
+
+
+@pytest.mark.parametrize("fmt", ["adapter", "delta"])
+def test_format_1_files_still_load(written, tmp_path, fmt):
+    """Files in the layout of format 1 (constructed here from a format-2 save) load the same content."""
+    model, delta, root = written
+    if fmt == "adapter":
+        old = as_format1(_copy(root / "adapter", tmp_path / "old"))
+        tensors = load_file(str(old / MODEL_FILE))
+        assert tensors[RECORD.replace("entries", "indices")].dtype == torch.int32
+        assert json.loads((old / CONFIG_FILE).read_text())["format_version"] == 1
+        loaded = PeftModel.from_pretrained(make_bert(), old)
+        assert_same(content(loaded), content(model))
+        loaded.save_pretrained(tmp_path / "again")  # re-saved: format 2
+        assert json.loads((tmp_path / "again" / CONFIG_FILE).read_text())["format_version"] == 2
+        assert file_metadata((tmp_path / "again" / MODEL_FILE).read_bytes())["sam_peft_format"] == "2"
+        assert_same(content(PeftModel.from_pretrained(make_bert(), tmp_path / "again")), content(model))
+    else:
+        path = tmp_path / "old.safetensors"
+        path.write_bytes((root / "delta.safetensors").read_bytes())
+        as_format1(path)
+        assert file_metadata(path.read_bytes())["sam_peft_format"] == "1"
+        assert load_file(str(path))[f"sparse.{NAME}.indices"].dtype == torch.int32
+        assert_same(delta_content(sam_peft.SparseDelta.load(path)), delta_content(delta))
+
+
+def _copy(source: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, dest)
+    return dest
+
+
+def test_newer_format_is_refused(written, tmp_path):
+    _, _, root = written
+    directory = _copy(root / "adapter", tmp_path / "newer")
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    (directory / CONFIG_FILE).write_text(json.dumps({**config, "format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(sam_peft.ConfigError, match=f"format_version={FORMAT_VERSION + 1}.*upgrade"):
+        PeftModel.from_pretrained(make_bert(), directory)
+    tensors = load_file(str(root / "delta.safetensors"))
+    metadata = {k: v for k, v in file_metadata((root / "delta.safetensors").read_bytes()).items()
+                if k != "sam_peft_checksums"}
+    path = tmp_path / "newer.safetensors"
+    sam_peft.storage.io.save_safetensors_atomic(tensors, path, {**metadata, "sam_peft_format": str(FORMAT_VERSION + 1)})
+    with pytest.raises(sam_peft.DeltaFileError, match="Upgrade sam-peft"):
+        sam_peft.SparseDelta.load(path)
+
+
+@pytest.mark.parametrize("fmt", ["adapter", "delta"])
+@pytest.mark.parametrize("checksum", [True, False], ids=["checksum", "no-checksum"])
+def test_corrupted_record_is_refused_naming_the_tensor(written, tmp_path, fmt, checksum):
+    """A byte of a record's unary gaps set to zero: the checksum names the record; without checksums the record
+    no longer holds its entries' gaps, which decoding refuses, naming it."""
+    _, _, root = written
+    source = root / "adapter" / MODEL_FILE if fmt == "adapter" else root / "delta.safetensors"
+    raw = source.read_bytes()
+    key = RECORD if fmt == "adapter" else DELTA_RECORD
+    _, end = layout(raw)[2][key]
+    data = bytearray(raw)
+    data[end - 1] = 0  # the last byte holds the last gap's terminating bit
+    data = bytes(data) if checksum else strip_checksum(bytes(data))
+    if fmt == "adapter":
+        directory = _copy(root / "adapter", tmp_path / "bad")
+        (directory / MODEL_FILE).write_bytes(data)
+        with pytest.raises(sam_peft.DeltaFileError) as info:
+            PeftModel.from_pretrained(make_bert(), directory)
+    else:
+        path = tmp_path / "bad.safetensors"
+        path.write_bytes(data)
+        with pytest.raises(sam_peft.DeltaFileError) as info:
+            sam_peft.SparseDelta.load(path)
+    message = str(info.value)
+    assert f"'{key}'" in message, message
+    assert ("do not match the checksum" if checksum else "not a valid encoded record") in message, message
+
+
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@FUZZ
+@given(data=st.data(), bit=st.integers(0, 7))
+def test_fuzz_record_bit_flip_without_checksums(written, tmp_path, data, bit):
+    """Without checksums, any bit flip in a record is refused or changes only that record's tensor (a flipped
+    value bit, or gaps that still decode to valid sorted indices); loaded indices are always valid."""
+    model, delta, root = written
+    raw = strip_checksum((root / "delta.safetensors").read_bytes())
+    spans = layout(raw)[2]
+    key = data.draw(st.sampled_from(sorted(k for k in spans if k.endswith(".entries"))), label="record")
+    start, end = spans[key]
+    offset = data.draw(st.integers(start, end - 1), label="offset")
+    path = tmp_path / "fuzz.safetensors"
+    path.write_bytes(flip(raw, offset, bit))
+    try:
+        loaded = sam_peft.SparseDelta.load(path)
+    except sam_peft.SamPeftError as exc:
+        assert f"'{key}'" in str(exc) or f"'{key.removeprefix('sparse.').removesuffix('.entries')}'" in str(exc)
+        event("refused")
+        return
+    name = key.removeprefix("sparse.").removesuffix(".entries")
+    changed = {n for n in delta.entries
+               if any(not torch.equal(a, b) for a, b in zip(loaded.entries[n], delta.entries[n]))}
+    assert changed <= {name}
+    indices = loaded.entries[name][0]
+    assert indices.numel() == 0 or (int(indices.min()) >= 0 and bool((indices[1:] > indices[:-1]).all()))
+    event("changed" if changed else "identical")
+
+
+# --------------------------------------------------------------------------- half-precision values
+@pytest.mark.parametrize("values_dtype", ["bfloat16", "float16"])
+def test_half_precision_values_are_opt_in_marked_and_loaded_rounded(written, tmp_path, values_dtype):
+    model, delta, _ = written
+    model.peft_config["default"].values_dtype = values_dtype
+    try:
+        model.save_pretrained(tmp_path / "adapter")
+    finally:
+        model.peft_config["default"].values_dtype = "float32"
+    raw = (tmp_path / "adapter" / MODEL_FILE).read_bytes()
+    assert file_metadata(raw)["sam_peft_values_dtype"] == values_dtype
+    assert json.loads((tmp_path / "adapter" / CONFIG_FILE).read_text())["values_dtype"] == values_dtype
+    assert decode_tensors(decode_safetensors(raw), ADAPTER_KEYS)[1] == {values_dtype}
+    loaded = content(PeftModel.from_pretrained(make_bert(), tmp_path / "adapter"))
+    expected = content(model)
+    dtype = getattr(torch, values_dtype)
+    for key, tensor in expected.items():
+        want = tensor.to(dtype).float() if ".sparsediff_values." in key else tensor
+        assert torch.equal(loaded[key], want), key  # indices and head exact, values rounded once
+    assert any(not torch.equal(loaded[k], expected[k]) for k in expected if ".sparsediff_values." in k)
+    full = (tmp_path / "adapter" / MODEL_FILE).stat().st_size
+    model.save_pretrained(tmp_path / "fp32")
+    assert full < (tmp_path / "fp32" / MODEL_FILE).stat().st_size
+
+    path = delta.save(tmp_path / "delta.safetensors", values_dtype=values_dtype)
+    assert file_metadata(path.read_bytes())["sam_peft_values_dtype"] == values_dtype
+    back = sam_peft.SparseDelta.load(path)
+    for name, (indices, values) in delta.entries.items():
+        assert torch.equal(back.entries[name][0], indices) and torch.equal(back.entries[name][1],
+                                                                             values.to(dtype).float())
+
+
+def test_unknown_values_dtype_is_refused(written, tmp_path):
+    with pytest.raises(sam_peft.ConfigError, match="values_dtype='fp8'"):
+        sam_peft.SparseDiffConfig(values_dtype="fp8")
+    with pytest.raises(sam_peft.ConfigError, match="values_dtype='half'"):
+        written[1].save(tmp_path / "d.safetensors", values_dtype="half")
+
+
+def test_inspect_summary_shows_the_encoding(written, tmp_path):
+    _, _, root = written
+    summary = adapter_summary(root / "adapter")
+    size = (root / "adapter" / MODEL_FILE).stat().st_size
+    assert (summary["format_version"], summary["index_encoding"], summary["values_dtype"]) == (2, "rice-gaps",
+                                                                                               "float32")
+    assert summary["bytes_per_entry"] == round(size / summary["entries"], 3)
+    old = adapter_summary(as_format1(_copy(root / "adapter", tmp_path / "old")))
+    assert old["format_version"] == 1 and old["values_dtype"] == "float32" and old["entries"] == summary["entries"]
+    assert old["file_bytes"] > size  # format 2 is smaller, on this tiny model too (not the MiniLM measurement)
+
+
+def test_record_header_layout(written):
+    """The documented header: k (uint64), dtype code, Rice parameter, 6 zero bytes; then k float32 values."""
+    _, delta, root = written
+    record = load_file(str(root / "delta.safetensors"))[DELTA_RECORD].numpy().tobytes()
+    indices, values = delta.entries[NAME]
+    k, code, rice = struct.unpack("<QBB", record[:10])
+    assert (k, code, record[10:16]) == (indices.numel(), 0, bytes(6)) and 0 <= rice <= 62
+    assert torch.equal(torch.frombuffer(bytearray(record[16 : 16 + 4 * k]), dtype=torch.float32), values)
