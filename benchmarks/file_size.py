@@ -68,7 +68,9 @@ def write_format1(model, path: Path) -> None:
 
     tensors = get_peft_model_state_dict(model)
     assert all(t.dtype == torch.int32 for k, t in tensors.items() if ".sparsediff_indices." in k)
-    metadata = {"format": "pt", **identity_metadata(model.peft_config["default"]), "sam_peft_format": "1"}
+    config = model.peft_config["default"]
+    metadata = {"format": "pt", **identity_metadata(config), "sam_peft_format": "1",
+                "counts": json.dumps(config.counts, sort_keys=True)}  # format 1 repeated the counts here
     save_safetensors_atomic(tensors, path / MODEL_FILE, metadata=metadata)
 
 

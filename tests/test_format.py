@@ -1,10 +1,9 @@
-"""Format 2: each tuned tensor's indices (Rice-coded gaps) and values in one uint8 record; optional bfloat16 /
+"""Format 2: each tuned tensor's indices as a uint8 stream of Rice-coded gaps beside its values; optional bfloat16 /
 float16 values; format-1 files still load; newer formats are refused."""
 
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +32,11 @@ from saved_files import (
 
 import sam_peft
 from sam_peft.deltas.adapter_dir import adapter_summary
-from sam_peft.storage.encoding import ADAPTER_KEYS, decode_entries, decode_tensors, encode_entries
+from sam_peft.storage.encoding import ADAPTER_KEYS, decode_indices, decode_tensors, encode_entries
 from sam_peft.storage.identity import FORMAT_VERSION
 
-RECORD = f"base_model.model.{NAME.removesuffix('.weight')}.sparsediff_entries.weight"
-DELTA_RECORD = f"sparse.{NAME}.entries"
+IDX = f"base_model.model.{NAME.removesuffix('.weight')}.sparsediff_indices.weight"
+DELTA_IDX = f"sparse.{NAME}.indices"
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,7 @@ def written(tmp_path_factory):
     return model, delta, root
 
 
-# --------------------------------------------------------------------------- one record
+# --------------------------------------------------------------------------- one tensor
 def _sorted_unique(rng, n: int, k: int) -> torch.Tensor:
     return torch.from_numpy(np.unique(rng.integers(0, n, size=k, dtype=np.int64)))
 
@@ -79,7 +78,7 @@ CASES = _cases()
 
 @pytest.mark.parametrize("values_dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_record_round_trip_is_exact(case, values_dtype):
+def test_round_trip_is_exact(case, values_dtype):
     indices = CASES[case]
     g = torch.Generator().manual_seed(1)
     # float32 values from random bit patterns (subnormals, -0.0, extremes), finite ones kept; small ones for fp16
@@ -88,21 +87,23 @@ def test_record_round_trip_is_exact(case, values_dtype):
     values = torch.where(torch.isfinite(values), values, torch.zeros(()))
     if values_dtype == "float16":
         values = values.clamp(-60000, 60000)
-    record = encode_entries("t", indices, values, values_dtype)
-    assert record.dtype == torch.uint8 and record.dim() == 1
-    got_indices, got_values, got_dtype = decode_entries("t", record)
-    assert got_dtype == values_dtype and got_indices.dtype == torch.int64 and got_values.dtype == torch.float32
+    stream, stored = encode_entries("t", indices, values, values_dtype)
+    assert stream.dtype == torch.uint8 and stream.dim() == 1 and stored.dtype == getattr(torch, values_dtype)
+    decoded, dtypes = decode_tensors({"sparse.t.indices": stream, "sparse.t.values": stored},
+                                     sam_peft.storage.encoding.DELTA_KEYS)
+    assert dtypes == {values_dtype}
+    got_indices, got_values = decoded["sparse.t.indices"], decoded["sparse.t.values"]
+    assert got_indices.dtype == torch.int64 and got_values.dtype == torch.float32
     assert torch.equal(got_indices, indices.long())
     expected = values.to(getattr(torch, values_dtype)).float()
     assert torch.equal(got_values.view(torch.int32), expected.view(torch.int32))  # bit-identical, -0.0 included
 
 
-def test_record_size_near_the_gap_entropy():
+def test_stream_size_near_the_gap_entropy():
     """At p = 0.005 of a 1M-entry tensor (mean gap 200) the indices take ~1.15 bytes per entry, not 4."""
     indices = _sorted_unique(np.random.default_rng(2), 1_000_000, 5000)
-    record = encode_entries("t", indices, torch.zeros(indices.numel()))
-    index_bytes = record.numel() - 16 - 4 * indices.numel()
-    assert index_bytes / indices.numel() < 1.25, index_bytes / indices.numel()
+    stream, _ = encode_entries("t", indices, torch.zeros(indices.numel()))
+    assert stream.numel() / indices.numel() < 1.2, stream.numel() / indices.numel()
 
 
 def test_encoding_refuses_unsorted_indices_and_unknown_dtypes():
@@ -117,7 +118,7 @@ def test_encoding_refuses_unsorted_indices_and_unknown_dtypes():
 
 
 def _valid() -> torch.Tensor:
-    return encode_entries("w", torch.tensor([0, 5, 400, 70000]), torch.tensor([1.0, -2.0, 3.0, 4.0]))
+    return encode_entries("w", torch.tensor([0, 5, 400, 70000]), torch.zeros(4))[0]
 
 
 def _edit(offset: int, value: int):
@@ -128,34 +129,33 @@ def _edit(offset: int, value: int):
     return change
 
 
-BAD_RECORDS = {
-    "not uint8": (lambda r: r.to(torch.int32), "1-D uint8"),
-    "2-D": (lambda r: r.reshape(1, -1), "1-D uint8"),
-    "shorter than the header": (lambda r: r[:10], "shorter than its 16-byte header"),
-    "too many entries claimed": (_edit(0, 200), "claims 200 entries"),
-    "fewer entries claimed": (_edit(0, 3), "unary-coded gaps for 3 entries"),
-    "unknown values dtype": (_edit(8, 7), "unknown values dtype code 7"),
-    "Rice parameter too large": (_edit(9, 63), "Rice parameter 63"),
-    "reserved byte set": (_edit(12, 1), "reserved header bytes"),
-    "truncated gaps": (lambda r: r[:-1], "unary-coded gaps"),
-    "trailing byte": (lambda r: torch.cat([r, torch.zeros(1, dtype=torch.uint8)]), "bytes after the last gap"),
-    "empty with a parameter": (lambda r: torch.tensor([0] * 9 + [3] + [0] * 6, dtype=torch.uint8),
-                               "Rice parameter 3 without entries"),
+NAMED = "base_model.model.x.sparsediff_indices.w"
+BAD_STREAMS = {
+    "2-D": (lambda r: r.reshape(1, -1), 4, "1-D uint8"),
+    "empty": (lambda r: r[:0], 4, "no Rice parameter byte"),
+    "Rice parameter too large": (_edit(0, 63), 4, "Rice parameter 63"),
+    "parameter without entries": (lambda r: torch.tensor([3], dtype=torch.uint8), 0, "Rice parameter 3 for 0"),
+    "more values than gaps": (lambda r: r, 5, "unary-coded gaps for 5 values"),
+    "fewer values than gaps": (lambda r: r, 3, "4 unary-coded gaps for 3 values"),
+    "truncated gaps": (lambda r: r[:-1], 4, "unary-coded gaps for 4 values"),
+    "too short for the low bits": (lambda r: r[:2], 4, "too short for the low bits"),
+    "trailing byte": (lambda r: torch.cat([r, torch.zeros(1, dtype=torch.uint8)]), 4, "bytes after the last gap"),
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_RECORDS))
-def test_malformed_record_is_refused_naming_it(case):
-    damage, words = BAD_RECORDS[case]
+@pytest.mark.parametrize("case", list(BAD_STREAMS))
+def test_malformed_stream_is_refused_naming_it(case):
+    damage, k, words = BAD_STREAMS[case]
     with pytest.raises(sam_peft.DeltaFileError) as info:
-        decode_entries("base_model.model.x.sparsediff_entries.w", damage(_valid()))
-    assert "'base_model.model.x.sparsediff_entries.w'" in str(info.value) and words in str(info.value), info.value
+        decode_indices(NAMED, damage(_valid()), k)
+    assert f"'{NAMED}'" in str(info.value) and words in str(info.value), info.value
 
 
-def test_record_beside_its_format1_tensors_is_refused():
-    tensors = {"m.sparsediff_entries.w": _valid(), "m.sparsediff_indices.w": torch.tensor([1])}
-    with pytest.raises(sam_peft.DeltaFileError, match="both the record"):
-        decode_tensors(tensors, ADAPTER_KEYS)
+def test_stream_without_its_values_is_refused():
+    with pytest.raises(sam_peft.DeltaFileError, match="without a 1-D values tensor"):
+        decode_tensors({NAMED: _valid()}, ADAPTER_KEYS)
+    with pytest.raises(ValueError, match="needs both its indices and values"):
+        sam_peft.storage.encoding.encode_tensors({NAMED: torch.tensor([1])}, ADAPTER_KEYS)
 
 
 # --------------------------------------------------------------------------- files
@@ -167,9 +167,10 @@ def test_adapter_file_is_format_2_and_loads_exactly(written, tmp_path):
         str(FORMAT_VERSION), "rice-gaps", "float32")
     assert json.loads((root / "adapter" / CONFIG_FILE).read_text())["format_version"] == FORMAT_VERSION == 2
     tensors = decode_safetensors(raw)
-    assert tensors[RECORD].dtype == torch.uint8
-    assert not any(".sparsediff_indices." in k or ".sparsediff_values." in k for k in tensors)
-    # checksums cover the records: the digest of every stored tensor, records included
+    assert tensors[IDX].dtype == torch.uint8 and tensors[IDX.replace("indices", "values")].dtype == torch.float32
+    assert "counts" not in metadata  # the values' shapes give them
+    # peft's keys: as many tensors as the state dict; checksums cover the streams (a digest of every stored tensor)
+    assert tensors.keys() == content(model).keys()
     assert len(json.loads(metadata["sam_peft_checksums"])["tensors"]) == len(tensors)
     assert_same(content(PeftModel.from_pretrained(make_bert(), root / "adapter")), content(model))
 
@@ -179,7 +180,7 @@ def test_delta_file_is_format_2_and_loads_exactly(written):
     raw = (root / "delta.safetensors").read_bytes()
     metadata = file_metadata(raw)
     assert (metadata["sam_peft_format"], metadata["sam_peft_values_dtype"]) == ("2", "float32")
-    assert decode_safetensors(raw)[DELTA_RECORD].dtype == torch.uint8
+    assert decode_safetensors(raw)[DELTA_IDX].dtype == torch.uint8
     assert_same(delta_content(sam_peft.SparseDelta.load(root / "delta.safetensors")), delta_content(delta))
 
 
@@ -190,7 +191,7 @@ def test_format_1_files_still_load(written, tmp_path, fmt):
     if fmt == "adapter":
         old = as_format1(_copy(root / "adapter", tmp_path / "old"))
         tensors = load_file(str(old / MODEL_FILE))
-        assert tensors[RECORD.replace("entries", "indices")].dtype == torch.int32
+        assert tensors[IDX].dtype == torch.int32
         assert json.loads((old / CONFIG_FILE).read_text())["format_version"] == 1
         loaded = PeftModel.from_pretrained(make_bert(), old)
         assert_same(content(loaded), content(model))
@@ -232,13 +233,13 @@ def test_newer_format_is_refused(written, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["adapter", "delta"])
 @pytest.mark.parametrize("checksum", [True, False], ids=["checksum", "no-checksum"])
-def test_corrupted_record_is_refused_naming_the_tensor(written, tmp_path, fmt, checksum):
-    """A byte of a record's unary gaps set to zero: the checksum names the record; without checksums the record
-    no longer holds its entries' gaps, which decoding refuses, naming it."""
+def test_corrupted_stream_is_refused_naming_the_tensor(written, tmp_path, fmt, checksum):
+    """The last byte of an index stream (the last gap's one bit) set to zero: the checksum names the stream; without
+    checksums the stream no longer holds a gap per value, which decoding refuses, naming it."""
     _, _, root = written
     source = root / "adapter" / MODEL_FILE if fmt == "adapter" else root / "delta.safetensors"
     raw = source.read_bytes()
-    key = RECORD if fmt == "adapter" else DELTA_RECORD
+    key = IDX if fmt == "adapter" else DELTA_IDX
     _, end = layout(raw)[2][key]
     data = bytearray(raw)
     data[end - 1] = 0  # the last byte holds the last gap's terminating bit
@@ -255,7 +256,7 @@ def test_corrupted_record_is_refused_naming_the_tensor(written, tmp_path, fmt, c
             sam_peft.SparseDelta.load(path)
     message = str(info.value)
     assert f"'{key}'" in message, message
-    assert ("do not match the checksum" if checksum else "not a valid encoded record") in message, message
+    assert ("do not match the checksum" if checksum else "not a valid encoded index stream") in message, message
 
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
@@ -264,13 +265,13 @@ FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
 
 @FUZZ
 @given(data=st.data(), bit=st.integers(0, 7))
-def test_fuzz_record_bit_flip_without_checksums(written, tmp_path, data, bit):
-    """Without checksums, any bit flip in a record is refused or changes only that record's tensor (a flipped
-    value bit, or gaps that still decode to valid sorted indices); loaded indices are always valid."""
+def test_fuzz_stream_bit_flip_without_checksums(written, tmp_path, data, bit):
+    """Without checksums, any bit flip in an index stream is refused or changes only that tensor's indices (gaps
+    that still decode to valid sorted indices); loaded indices are always valid."""
     model, delta, root = written
     raw = strip_checksum((root / "delta.safetensors").read_bytes())
     spans = layout(raw)[2]
-    key = data.draw(st.sampled_from(sorted(k for k in spans if k.endswith(".entries"))), label="record")
+    key = data.draw(st.sampled_from(sorted(k for k in spans if k.endswith(".indices"))), label="stream")
     start, end = spans[key]
     offset = data.draw(st.integers(start, end - 1), label="offset")
     path = tmp_path / "fuzz.safetensors"
@@ -278,13 +279,13 @@ def test_fuzz_record_bit_flip_without_checksums(written, tmp_path, data, bit):
     try:
         loaded = sam_peft.SparseDelta.load(path)
     except sam_peft.SamPeftError as exc:
-        assert f"'{key}'" in str(exc) or f"'{key.removeprefix('sparse.').removesuffix('.entries')}'" in str(exc)
+        assert f"'{key}'" in str(exc) or f"'{key.removeprefix('sparse.').removesuffix('.indices')}'" in str(exc)
         event("refused")
         return
-    name = key.removeprefix("sparse.").removesuffix(".entries")
+    name = key.removeprefix("sparse.").removesuffix(".indices")
     changed = {n for n in delta.entries
                if any(not torch.equal(a, b) for a, b in zip(loaded.entries[n], delta.entries[n]))}
-    assert changed <= {name}
+    assert changed <= {name} and torch.equal(loaded.entries[name][1], delta.entries[name][1])
     indices = loaded.entries[name][0]
     assert indices.numel() == 0 or (int(indices.min()) >= 0 and bool((indices[1:] > indices[:-1]).all()))
     event("changed" if changed else "identical")
@@ -341,11 +342,17 @@ def test_inspect_summary_shows_the_encoding(written, tmp_path):
     assert old["file_bytes"] > size  # format 2 is smaller, on this tiny model too (not the MiniLM measurement)
 
 
-def test_record_header_layout(written):
-    """The documented header: k (uint64), dtype code, Rice parameter, 6 zero bytes; then k float32 values."""
+def test_stream_layout(written):
+    """The documented stream: the Rice parameter L, the low L bits of each gap, then each gap >> L in unary."""
     _, delta, root = written
-    record = load_file(str(root / "delta.safetensors"))[DELTA_RECORD].numpy().tobytes()
+    tensors = load_file(str(root / "delta.safetensors"))
+    stream = tensors[DELTA_IDX].numpy()
     indices, values = delta.entries[NAME]
-    k, code, rice = struct.unpack("<QBB", record[:10])
-    assert (k, code, record[10:16]) == (indices.numel(), 0, bytes(6)) and 0 <= rice <= 62
-    assert torch.equal(torch.frombuffer(bytearray(record[16 : 16 + 4 * k]), dtype=torch.float32), values)
+    assert torch.equal(tensors[f"sparse.{NAME}.values"], values)
+    L, k = int(stream[0]), indices.numel()
+    gaps = torch.diff(indices, prepend=torch.tensor([-1])) - 1
+    low = np.unpackbits(stream[1 : 1 + (k * L + 7) // 8], bitorder="little")[: k * L].reshape(k, L)
+    assert np.array_equal(low @ (1 << np.arange(L)), (gaps % (1 << L)).numpy())
+    unary = np.unpackbits(stream[1 + (k * L + 7) // 8 :], bitorder="little")
+    ones = np.flatnonzero(unary)
+    assert np.array_equal(np.diff(ones, prepend=-1) - 1, (gaps >> L).numpy())

@@ -503,7 +503,8 @@ def test_trainer_end_to_end_and_resume(base, tmp_path):
         keys = list(f.keys())
     assert keys and all("sparsediff_" in k or ".classifier." in k for k in keys), keys
     assert any("classifier.weight" in k for k in keys) and any("classifier.bias" in k for k in keys)
-    assert sum(".sparsediff_entries." in k for k in keys) == len(config.counts)  # indices and values, encoded
+    assert sum(".sparsediff_indices." in k for k in keys) == len(config.counts)
+    assert sum(".sparsediff_values." in k for k in keys) == len(config.counts)
 
     # the checkpoint's indices
     ckpt = tmp_path / "run" / "checkpoint-3"

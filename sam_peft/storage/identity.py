@@ -65,7 +65,8 @@ def architecture_of(model: nn.Module) -> str:
 def identity_metadata(config: Any) -> dict[str, str]:
     """String metadata of an adapter config (object or JSON dict): the base identity and the selection settings.
 
-    It goes in the safetensors header of adapter files and `SparseDelta` files alike.
+    It goes in the safetensors header of adapter files and `SparseDelta` files alike. (Format 1 also repeated the
+    config's `counts` there; in format 2 each values tensor's shape in the header gives its count.)
     """
     get = config.get if isinstance(config, Mapping) else lambda key, default=None: getattr(config, key, default)
     return {
@@ -76,7 +77,6 @@ def identity_metadata(config: Any) -> dict[str, str]:
         "selection": str(get("selection") or ""),
         "allocation": str(get("allocation") or ""),
         "sparsity": repr(get("sparsity")),
-        "counts": json.dumps(get("counts") or {}, sort_keys=True),
     }
 
 
