@@ -373,7 +373,7 @@ def test_save_load_roundtrip(case, tmp_path):
             assert tensors[key].dtype == torch.float32, key
     assert sum(".sparsediff_indices." in k for k in keys) == len(config.counts)
     assert (metadata["sam_peft_format"], metadata["sam_peft_index_encoding"], metadata["sam_peft_values_dtype"]) == (
-        "2", "rice-gaps", "float32")
+        "2", "coded-gaps", "float32")
     decoded, dtypes = decode_tensors(tensors, ADAPTER_KEYS)
     assert dtypes <= {"float32"}
     assert all(t.dtype == torch.int64 for k, t in decoded.items() if ".sparsediff_indices." in k)

@@ -104,6 +104,7 @@ def test_stream_size_near_the_gap_entropy():
     indices = _sorted_unique(np.random.default_rng(2), 1_000_000, 5000)
     stream, _ = encode_entries("t", indices, torch.zeros(indices.numel()))
     assert stream.numel() / indices.numel() < 1.2, stream.numel() / indices.numel()
+    assert int(stream[0]) == 0  # Rice
 
 
 def test_encoding_refuses_unsorted_indices_and_unknown_dtypes():
@@ -117,8 +118,12 @@ def test_encoding_refuses_unsorted_indices_and_unknown_dtypes():
         encode_entries("t", torch.tensor([1]), torch.tensor([1e6]), "float16")
 
 
-def _valid() -> torch.Tensor:
-    return encode_entries("w", torch.tensor([0, 5, 400, 70000]), torch.zeros(4))[0]
+SPREAD = torch.arange(3, 4000, 37)  # even gaps: Rice (code 0)
+CLUSTERED = torch.cat([torch.arange(100, 140), torch.arange(90_000, 90_050)])  # runs and a jump: exp-Golomb (1)
+
+
+def _valid(indices: torch.Tensor) -> torch.Tensor:
+    return encode_entries("w", indices, torch.zeros(indices.numel()))[0]
 
 
 def _edit(offset: int, value: int):
@@ -129,31 +134,50 @@ def _edit(offset: int, value: int):
     return change
 
 
+def _append(r: torch.Tensor) -> torch.Tensor:
+    return torch.cat([r, torch.zeros(1, dtype=torch.uint8)])
+
+
 NAMED = "base_model.model.x.sparsediff_indices.w"
+# case: (indices encoded, damage, number of values, words of the refusal)
 BAD_STREAMS = {
-    "2-D": (lambda r: r.reshape(1, -1), 4, "1-D uint8"),
-    "empty": (lambda r: r[:0], 4, "no Rice parameter byte"),
-    "Rice parameter too large": (_edit(0, 63), 4, "Rice parameter 63"),
-    "parameter without entries": (lambda r: torch.tensor([3], dtype=torch.uint8), 0, "Rice parameter 3 for 0"),
-    "more values than gaps": (lambda r: r, 5, "unary-coded gaps for 5 values"),
-    "fewer values than gaps": (lambda r: r, 3, "4 unary-coded gaps for 3 values"),
-    "truncated gaps": (lambda r: r[:-1], 4, "unary-coded gaps for 4 values"),
-    "too short for the low bits": (lambda r: r[:2], 4, "too short for the low bits"),
-    "trailing byte": (lambda r: torch.cat([r, torch.zeros(1, dtype=torch.uint8)]), 4, "bytes after the last gap"),
+    "2-D": (SPREAD, lambda r: r.reshape(1, -1), 109, "1-D uint8"),
+    "one byte": (SPREAD, lambda r: r[:1], 109, "shorter than its 2-byte code"),
+    "count cut off": (SPREAD, lambda r: r[:2], 109, "the entry count is cut off"),
+    "count runs over": (SPREAD, lambda r: torch.cat([r[:2], torch.full((11,), 0x80, dtype=torch.uint8)]), 109,
+                        "runs over 10 bytes"),
+    "more values than gaps": (SPREAD, lambda r: r, 110, "holds 109 gaps but its values tensor has 110"),
+    "fewer values than gaps": (CLUSTERED, lambda r: r, 89, "holds 90 gaps but its values tensor has 89"),
+    "unknown code": (SPREAD, _edit(0, 2), 109, "code 2"),
+    "parameter too large": (CLUSTERED, _edit(1, 63), 90, "parameter 63"),
+    "parameter without entries": (torch.zeros(0, dtype=torch.int64), _edit(1, 3), 0, "parameter 3 for 0 entries"),
+    "bytes for no entries": (torch.zeros(0, dtype=torch.int64), _append, 0, "1 bytes of gaps for no entries"),
+    "rice: truncated": (SPREAD, lambda r: r[:-1], 109, "unary-coded gaps for 109 values"),
+    "rice: too short for the low bits": (SPREAD, lambda r: r[:5], 109, "too short for the low bits"),
+    "rice: trailing byte": (SPREAD, _append, 109, "bytes after the last gap"),
+    "golomb: a bucket's one bits cleared": (CLUSTERED, _edit(3, 0), 90, "unary buckets not zero-padded"),
+    "golomb: truncated suffixes": (CLUSTERED, lambda r: r[:-1], 90, "bytes of suffixes"),
+    "golomb: trailing byte": (CLUSTERED, _append, 90, "bytes of suffixes"),
+    "golomb: bucket beyond int64": (CLUSTERED, lambda r: torch.cat([r[:3], torch.zeros(9, dtype=torch.uint8),
+                                                                     r[3:]]), 90, "beyond the int64 range"),
 }
+
+
+def test_the_two_codes_are_chosen_by_size():
+    assert int(_valid(SPREAD)[0]) == 0 and int(_valid(CLUSTERED)[0]) == 1
 
 
 @pytest.mark.parametrize("case", list(BAD_STREAMS))
 def test_malformed_stream_is_refused_naming_it(case):
-    damage, k, words = BAD_STREAMS[case]
+    indices, damage, k, words = BAD_STREAMS[case]
     with pytest.raises(sam_peft.DeltaFileError) as info:
-        decode_indices(NAMED, damage(_valid()), k)
+        decode_indices(NAMED, damage(_valid(indices)), k)
     assert f"'{NAMED}'" in str(info.value) and words in str(info.value), info.value
 
 
 def test_stream_without_its_values_is_refused():
     with pytest.raises(sam_peft.DeltaFileError, match="without a 1-D values tensor"):
-        decode_tensors({NAMED: _valid()}, ADAPTER_KEYS)
+        decode_tensors({NAMED: _valid(SPREAD)}, ADAPTER_KEYS)
     with pytest.raises(ValueError, match="needs both its indices and values"):
         sam_peft.storage.encoding.encode_tensors({NAMED: torch.tensor([1])}, ADAPTER_KEYS)
 
@@ -164,7 +188,7 @@ def test_adapter_file_is_format_2_and_loads_exactly(written, tmp_path):
     raw = (root / "adapter" / MODEL_FILE).read_bytes()
     metadata = file_metadata(raw)
     assert (metadata["sam_peft_format"], metadata["sam_peft_index_encoding"], metadata["sam_peft_values_dtype"]) == (
-        str(FORMAT_VERSION), "rice-gaps", "float32")
+        str(FORMAT_VERSION), "coded-gaps", "float32")
     assert json.loads((root / "adapter" / CONFIG_FILE).read_text())["format_version"] == FORMAT_VERSION == 2
     tensors = decode_safetensors(raw)
     assert tensors[IDX].dtype == torch.uint8 and tensors[IDX.replace("indices", "values")].dtype == torch.float32
@@ -234,15 +258,15 @@ def test_newer_format_is_refused(written, tmp_path):
 @pytest.mark.parametrize("fmt", ["adapter", "delta"])
 @pytest.mark.parametrize("checksum", [True, False], ids=["checksum", "no-checksum"])
 def test_corrupted_stream_is_refused_naming_the_tensor(written, tmp_path, fmt, checksum):
-    """The last byte of an index stream (the last gap's one bit) set to zero: the checksum names the stream; without
-    checksums the stream no longer holds a gap per value, which decoding refuses, naming it."""
+    """The code byte of an index stream set to an unknown code: the checksum names the stream; without checksums
+    decoding refuses it, naming it."""
     _, _, root = written
     source = root / "adapter" / MODEL_FILE if fmt == "adapter" else root / "delta.safetensors"
     raw = source.read_bytes()
     key = IDX if fmt == "adapter" else DELTA_IDX
-    _, end = layout(raw)[2][key]
+    start, _ = layout(raw)[2][key]
     data = bytearray(raw)
-    data[end - 1] = 0  # the last byte holds the last gap's terminating bit
+    data[start] = 9
     data = bytes(data) if checksum else strip_checksum(bytes(data))
     if fmt == "adapter":
         directory = _copy(root / "adapter", tmp_path / "bad")
@@ -334,7 +358,7 @@ def test_inspect_summary_shows_the_encoding(written, tmp_path):
     _, _, root = written
     summary = adapter_summary(root / "adapter")
     size = (root / "adapter" / MODEL_FILE).stat().st_size
-    assert (summary["format_version"], summary["index_encoding"], summary["values_dtype"]) == (2, "rice-gaps",
+    assert (summary["format_version"], summary["index_encoding"], summary["values_dtype"]) == (2, "coded-gaps",
                                                                                                "float32")
     assert summary["bytes_per_entry"] == round(size / summary["entries"], 3)
     old = adapter_summary(as_format1(_copy(root / "adapter", tmp_path / "old")))
@@ -342,17 +366,69 @@ def test_inspect_summary_shows_the_encoding(written, tmp_path):
     assert old["file_bytes"] > size  # format 2 is smaller, on this tiny model too (not the MiniLM measurement)
 
 
-def test_stream_layout(written):
-    """The documented stream: the Rice parameter L, the low L bits of each gap, then each gap >> L in unary."""
+def _reference_decode(stream: bytes, k: int) -> list[int]:
+    """docs/format.md's index stream, decoded bit by bit (the oracle of the vectorised decoder)."""
+    code, parameter = stream[0], stream[1]
+    count, offset, shift = 0, 2, 0
+    while True:  # LEB128
+        count |= (stream[offset] & 0x7F) << shift
+        offset, shift = offset + 1, shift + 7
+        if not stream[offset - 1] & 0x80:
+            break
+    assert count == k
+    bits = [(byte >> i) & 1 for byte in stream[offset:] for i in range(8)]
+    position = 0
+
+    def number(width: int) -> int:
+        nonlocal position
+        value = sum(bits[position + i] << i for i in range(width))
+        position += width
+        return value
+
+    def unary() -> int:
+        nonlocal position
+        count = 0
+        while bits[position] == 0:
+            count, position = count + 1, position + 1
+        position += 1
+        return count
+
+    def to_byte() -> None:
+        nonlocal position
+        position = -(-position // 8) * 8
+
+    if code == 0:
+        lows = [number(parameter) for _ in range(k)]
+        to_byte()
+        gaps = [(unary() << parameter) | low for low in lows]
+    else:
+        buckets = [unary() for _ in range(k)]
+        to_byte()
+        gaps = []
+        for b in buckets:
+            suffix = number(b + parameter)
+            gaps.append(((2**b - 1 + (suffix >> parameter)) << parameter) | (suffix % 2**parameter))
+    to_byte()
+    assert position == len(bits)
+    out, previous = [], -1
+    for gap in gaps:
+        previous += gap + 1
+        out.append(previous)
+    return out
+
+
+def test_streams_follow_the_documented_layout(written):
     _, delta, root = written
     tensors = load_file(str(root / "delta.safetensors"))
-    stream = tensors[DELTA_IDX].numpy()
-    indices, values = delta.entries[NAME]
-    assert torch.equal(tensors[f"sparse.{NAME}.values"], values)
-    L, k = int(stream[0]), indices.numel()
-    gaps = torch.diff(indices, prepend=torch.tensor([-1])) - 1
-    low = np.unpackbits(stream[1 : 1 + (k * L + 7) // 8], bitorder="little")[: k * L].reshape(k, L)
-    assert np.array_equal(low @ (1 << np.arange(L)), (gaps % (1 << L)).numpy())
-    unary = np.unpackbits(stream[1 + (k * L + 7) // 8 :], bitorder="little")
-    ones = np.flatnonzero(unary)
-    assert np.array_equal(np.diff(ones, prepend=-1) - 1, (gaps >> L).numpy())
+    codes = set()
+    for name, (indices, values) in delta.entries.items():
+        stream = tensors[f"sparse.{name}.indices"].numpy().tobytes()
+        codes.add(stream[0])
+        assert _reference_decode(stream, indices.numel()) == indices.tolist(), name
+        assert torch.equal(tensors[f"sparse.{name}.values"], values)
+    for case in ("p = 0.005", "clustered rows", "int64 range", "mixed tiny and huge gaps", "single at 0"):
+        indices = CASES[case]
+        stream = _valid(indices).numpy().tobytes()
+        codes.add(stream[0])
+        assert _reference_decode(stream, indices.numel()) == indices.tolist(), case
+    assert codes == {0, 1}

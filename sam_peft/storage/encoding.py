@@ -1,17 +1,21 @@
 """The compact on-disk form of sparse entries (format version 2): each tensor's strictly increasing flat indices as
-a uint8 stream of Rice-coded gaps, its values as float32 (exact), bfloat16 or float16.
+a uint8 stream of coded gaps, its values as float32 (exact), bfloat16 or float16.
 
-The index stream of a tensor with k entries (k = the length of its values tensor) is, in this order:
+The gaps of x_0 < x_1 < ... are x_0 and x_i - x_(i-1) - 1 (all >= 0). A tensor's stream starts with two bytes,
+the code and its parameter, then k, the number of entries, as a LEB128 varint (it must equal the length of the
+tensor's values), and codes every gap with one of two codes, the one that gives the shorter stream:
 
-* one byte: the Rice parameter L (0..62);
-* the low L bits of each gap, packed (bit i of the stream is bit i % 8 of byte i // 8);
-* the high part q = gap >> L of each gap in unary: q zero bits, then a one bit, packed the same way and padded
-  with zero bits to a whole byte.
+* code 0, Rice with parameter L: the low L bits of each gap (fixed width), then the high part q = gap >> L of each
+  gap in unary (q zero bits, then a one bit). Near-optimal for geometric gaps (entries spread evenly).
+* code 1, exponential Golomb of order m: each gap's bucket b = floor(log2((gap >> m) + 1)) in unary, then each
+  gap's b + m suffix bits s = (((gap >> m) + 1 - 2**b) << m) | (gap mod 2**m). Far shorter for clustered
+  entries (runs of neighbours and long jumps, as SAM selects).
 
-The gaps of x_0 < x_1 < ... are x_0 and x_i - x_(i-1) - 1 (all >= 0). L is chosen per tensor to minimise the
-stream. Encoding and decoding are vectorised (numpy bit packing and cumulative sums); a malformed stream is refused
-with a `DeltaFileError` naming it. The keys stay those of format 1 and of peft's state dict (one indices and one
-values tensor per tuned tensor); a uint8 indices tensor is a stream, an int32/int64 one is format 1's.
+Each part is a bit stream packed into whole bytes (bit i of a part is bit i % 8 of its byte i // 8; the last byte
+is padded with zero bits). The parameter is chosen per tensor to minimise the stream. Encoding and decoding are
+vectorised (numpy bit packing, cumulative sums, segment sums); a malformed stream is refused with a
+`DeltaFileError` naming it. The keys stay those of format 1 and of peft's state dict (one indices and one values
+tensor per tuned tensor); a uint8 indices tensor is a stream, an int32/int64 one is format 1's.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ import torch
 from ..errors import ConfigError, DeltaFileError
 from .keys import PREFIX
 
-INDEX_ENCODING = "rice-gaps"  # the `sam_peft_index_encoding` header value of format-2 files
+INDEX_ENCODING = "coded-gaps"  # the `sam_peft_index_encoding` header value of format-2 files
 VALUES_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_MAX_L = 62
-_CHUNK = 1 << 20  # entries per chunk when (un)packing the low bits; a multiple of 8 keeps chunks byte-aligned
+INDEX_CODES = {0: "rice", 1: "exp-golomb"}
+_MAX_PARAMETER = 62
+_CHUNK = 1 << 20  # entries per chunk when (un)packing variable-width bits (bounds the temporary arrays)
 
 
 def check_values_dtype(values_dtype: str) -> str:
@@ -39,42 +44,99 @@ def check_values_dtype(values_dtype: str) -> str:
     return values_dtype
 
 
+# --------------------------------------------------------------------------- bit streams
+def _floor_log2(v: np.ndarray) -> np.ndarray:
+    """floor(log2(v)) of int64 v >= 1, exact (the float estimate corrected by one either way)."""
+    b = np.floor(np.log2(v.astype(np.float64))).astype(np.int64)
+    b -= (np.left_shift(np.int64(1), b) > v).astype(np.int64)
+    b += ((b < 62) & (np.left_shift(np.int64(1), np.minimum(b + 1, 62)) <= v)).astype(np.int64)
+    return b
+
+
+def _pack_unary(counts: np.ndarray) -> np.ndarray:
+    ones = np.cumsum(counts + 1) - 1  # each count's terminating one bit
+    bits = np.zeros(int(ones[-1]) + 1 if counts.size else 0, dtype=np.uint8)
+    bits[ones] = 1
+    return np.packbits(bits, bitorder="little")
+
+
+def _pack_bits(numbers: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """The low widths[i] bits of numbers[i], least significant first, concatenated and packed."""
+    offsets = np.cumsum(widths) - widths
+    bits = np.zeros(int(widths.sum()), dtype=np.uint8)
+    for i in range(0, numbers.size, _CHUNK):
+        w, o = widths[i : i + _CHUNK], offsets[i : i + _CHUNK]
+        owner = np.repeat(np.arange(w.size), w)
+        if owner.size:
+            pos = np.arange(owner.size, dtype=np.int64) - np.repeat(o - o[0], w)
+            bits[o[0] : o[0] + owner.size] = (numbers[i : i + _CHUNK][owner] >> pos) & 1
+    return np.packbits(bits, bitorder="little")
+
+
+def _unpack_bits(bits: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """The inverse of `_pack_bits` on the unpacked bits."""
+    offsets = np.cumsum(widths) - widths
+    out = np.zeros(widths.size, dtype=np.int64)
+    for i in range(0, widths.size, _CHUNK):
+        w, o = widths[i : i + _CHUNK], offsets[i : i + _CHUNK]
+        n = int(w.sum())
+        if not n:
+            continue
+        pos = np.arange(n, dtype=np.int64) - np.repeat(o - o[0], w)
+        contributions = np.append(bits[o[0] : o[0] + n].astype(np.int64) << pos, np.int64(0))
+        sums = np.add.reduceat(contributions, o - o[0])
+        out[i : i + _CHUNK] = np.where(w > 0, sums, 0)
+    return out
+
+
 # --------------------------------------------------------------------------- one tensor
 def _gaps(indices: np.ndarray) -> np.ndarray:
     return np.diff(indices, prepend=np.int64(-1)) - 1
 
 
-def _rice_parameter(gaps: np.ndarray) -> int:
-    """The L in a window around log2(mean gap) that minimises k * L + sum(gap >> L) (the variable bits)."""
+def _window(gaps: np.ndarray) -> range:
     centre = int(np.log2(float(gaps.mean()) + 1.0))
-    best, best_bits = 0, None
-    for L in range(max(0, centre - 5), min(_MAX_L, centre + 1) + 1):
-        bits = gaps.size * L + int((gaps >> L).sum())
-        if best_bits is None or bits < best_bits:
-            best, best_bits = L, bits
-    return best
+    return range(0, min(_MAX_PARAMETER, centre + 1) + 1)
 
 
-def _pack_low_bits(gaps: np.ndarray, L: int) -> np.ndarray:
-    if L == 0:
-        return np.zeros(0, dtype=np.uint8)
-    shifts = np.arange(L, dtype=np.int64)
-    parts = [np.packbits(((gaps[i : i + _CHUNK, None] >> shifts) & 1).astype(np.uint8).reshape(-1),
-                         bitorder="little") for i in range(0, gaps.size, _CHUNK)]
-    return np.concatenate(parts)
+def _rice(gaps: np.ndarray) -> tuple[int, int]:
+    """(bits, L) of the best Rice parameter."""
+    return min((gaps.size * (L + 1) + int((gaps >> L).sum()), L) for L in _window(gaps))
 
 
-def _unpack_low_bits(data: np.ndarray, k: int, L: int) -> np.ndarray:
-    if L == 0:
-        return np.zeros(k, dtype=np.int64)
-    weights = np.left_shift(np.int64(1), np.arange(L, dtype=np.int64))
-    out = np.empty(k, dtype=np.int64)
-    step = _CHUNK * L // 8  # bytes per chunk
-    for n, i in enumerate(range(0, k, _CHUNK)):
-        count = min(_CHUNK, k - i)
-        bits = np.unpackbits(data[n * step : n * step + (count * L + 7) // 8], count=count * L, bitorder="little")
-        out[i : i + count] = bits.reshape(count, L).astype(np.int64) @ weights
-    return out
+def _exp_golomb(gaps: np.ndarray) -> tuple[int, int]:
+    """(bits, m) of the best exponential-Golomb order."""
+    return min((int((2 * _floor_log2((gaps >> m) + 1) + 1).sum()) + gaps.size * m, m) for m in _window(gaps))
+
+
+def encode_indices(indices: np.ndarray) -> np.ndarray:
+    """The uint8 stream of strictly increasing non-negative int64 indices."""
+    count = _varint(indices.size)
+    if not indices.size:
+        return np.concatenate([np.zeros(2, dtype=np.uint8), count])
+    gaps = _gaps(indices)
+    rice_bits, L = _rice(gaps)
+    golomb_bits, m = _exp_golomb(gaps)
+    if rice_bits <= golomb_bits:
+        body = [_pack_bits(gaps, np.full(gaps.size, L, dtype=np.int64)), _pack_unary(gaps >> L)]
+        head = [0, L]
+    else:
+        v = (gaps >> m) + 1
+        b = _floor_log2(v)
+        suffix = ((v - np.left_shift(np.int64(1), b)) << m) | (gaps & ((1 << m) - 1))
+        body = [_pack_unary(b), _pack_bits(suffix, b + m)]
+        head = [1, m]
+    return np.concatenate([np.array(head, dtype=np.uint8), count, *body])
+
+
+def _varint(number: int) -> np.ndarray:
+    """LEB128: 7 bits per byte, least significant first, the high bit set on every byte but the last."""
+    out = []
+    while True:
+        out.append((number & 0x7F) | (0x80 if number > 0x7F else 0))
+        number >>= 7
+        if not number:
+            return np.array(out, dtype=np.uint8)
 
 
 def encode_entries(name: str, indices: torch.Tensor, values: torch.Tensor, values_dtype: str = "float32"
@@ -91,16 +153,7 @@ def encode_entries(name: str, indices: torch.Tensor, values: torch.Tensor, value
     if values_dtype == "float16" and bool((torch.isfinite(exact) & ~torch.isfinite(stored.float())).any()):
         raise ConfigError(f"values of '{name}' exceed float16's range (±65504); save with values_dtype='bfloat16' "
                           "or 'float32'.")
-    if not idx.size:
-        return torch.zeros(1, dtype=torch.uint8), stored
-    gaps = _gaps(idx)
-    L = _rice_parameter(gaps)
-    ones = np.cumsum((gaps >> L) + 1) - 1  # the position of each gap's terminating one bit
-    unary_bits = np.zeros(int(ones[-1]) + 1, dtype=np.uint8)
-    unary_bits[ones] = 1
-    stream = np.concatenate([np.array([L], dtype=np.uint8), _pack_low_bits(gaps, L),
-                             np.packbits(unary_bits, bitorder="little")])
-    return torch.from_numpy(stream), stored
+    return torch.from_numpy(encode_indices(idx)), stored
 
 
 def decode_indices(name: str, stream: torch.Tensor, k: int, key: str | None = None) -> torch.Tensor:
@@ -114,26 +167,59 @@ def decode_indices(name: str, stream: torch.Tensor, k: int, key: str | None = No
     if stream.dim() != 1:
         raise bad(f"expected a 1-D uint8 tensor, got shape {list(stream.shape)}")
     data = stream.contiguous().numpy()
-    if data.size < 1:
-        raise bad("no Rice parameter byte")
-    L = int(data[0])
-    if L > _MAX_L or (k == 0 and L):
-        raise bad(f"Rice parameter {L} for {k} entries")
-    unary_start = 1 + (k * L + 7) // 8
-    if unary_start > data.size:
-        raise bad(f"{data.size} bytes, too short for the low bits of {k} gaps")
-    unary = data[unary_start:]
-    ones = np.flatnonzero(np.unpackbits(unary, bitorder="little"))
-    if ones.size != k:
-        raise bad(f"{ones.size} unary-coded gaps for {k} values")
+    if data.size < 2:
+        raise bad(f"{data.size} bytes, shorter than its 2-byte code and parameter")
+    code, parameter = int(data[0]), int(data[1])
+    count, offset = 0, 2
+    for shift in range(0, 70, 7):  # the LEB128 count (at most 10 bytes)
+        if offset >= data.size:
+            raise bad("the entry count is cut off")
+        byte = int(data[offset])
+        count, offset = count | (byte & 0x7F) << shift, offset + 1
+        if not byte & 0x80:
+            break
+    else:
+        raise bad("the entry count runs over 10 bytes")
+    if count != k:
+        raise bad(f"it holds {count} gaps but its values tensor has {k} values")
+    if code not in INDEX_CODES or parameter > _MAX_PARAMETER or (k == 0 and (code or parameter)):
+        raise bad(f"code {code} with parameter {parameter} for {k} entries")
     if k == 0:
+        if data.size != offset:
+            raise bad(f"{data.size - offset} bytes of gaps for no entries")
         return torch.zeros(0, dtype=torch.int64)
-    if unary.size != int(ones[-1]) // 8 + 1:
-        raise bad("bytes after the last gap")
-    high = np.diff(ones, prepend=np.int64(-1)) - 1
-    if int(high.max()) >= 1 << (63 - L):
-        raise bad("a gap beyond the int64 range")
-    gaps = (high.astype(np.int64) << L) | _unpack_low_bits(data[1:unary_start], k, L)
+    bits = np.unpackbits(data[offset:], bitorder="little")
+    if code == 0:
+        L = parameter
+        low_bits = (k * L + 7) // 8 * 8
+        if low_bits > bits.size or bits[k * L : low_bits].any():
+            raise bad(f"{data.size} bytes, too short for the low bits of {k} gaps or not zero-padded")
+        ones = np.flatnonzero(bits[low_bits:])
+        if ones.size != k:
+            raise bad(f"{ones.size} unary-coded gaps for {k} values")
+        if bits.size - low_bits != (int(ones[-1]) // 8 + 1) * 8:
+            raise bad("bytes after the last gap")
+        high = np.diff(ones, prepend=np.int64(-1)) - 1
+        if int(high.max()) >= 1 << (63 - L):
+            raise bad("a gap beyond the int64 range")
+        gaps = (high << L) | _unpack_bits(bits, np.full(k, L, dtype=np.int64))
+    else:
+        m = parameter
+        ones = np.flatnonzero(bits)[:k]
+        if ones.size != k:
+            raise bad(f"{ones.size} unary-coded buckets for {k} values")
+        start = (int(ones[-1]) // 8 + 1) * 8
+        if bits[int(ones[-1]) + 1 : start].any():
+            raise bad("unary buckets not zero-padded")
+        buckets = np.diff(ones, prepend=np.int64(-1)) - 1
+        if int(buckets.max()) > _MAX_PARAMETER - m:
+            raise bad("a gap beyond the int64 range")
+        widths = buckets + m
+        total = int(widths.sum())
+        if bits.size - start != (total + 7) // 8 * 8 or bits[start + total :].any():
+            raise bad(f"{(bits.size - start) // 8} bytes of suffixes where {(total + 7) // 8} are coded")
+        suffix = _unpack_bits(bits[start:], widths)
+        gaps = ((np.left_shift(np.int64(1), buckets) - 1 + (suffix >> m)) << m) | (suffix & ((1 << m) - 1))
     return torch.from_numpy(np.cumsum(gaps + 1) - 1)  # an overflow wraps and breaks the order: the caller refuses it
 
 
