@@ -147,10 +147,21 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """A selected, trained-looking SAM adapter saved with save_pretrained, and the same delta as a SparseDelta
-    (the tests that damage files read and rewrite these; helpers in saved_files.py)."""
+    """A selected, trained-looking SAM adapter saved with save_pretrained, and the same delta as a SparseDelta,
+    both rewritten in format 1 (per-tensor indices and values, `as_format1`): the tests that damage files read and
+    rewrite these, so they exercise the checks every loaded file passes after decoding, on the older format that
+    still loads (helpers in saved_files.py; format 2's records have their own tests in test_format.py)."""
     from safetensors.torch import load_file
-    from saved_files import CONFIG_FILE, MODEL_FILE, Saved, content, delta_content, file_metadata, randomize
+    from saved_files import (
+        CONFIG_FILE,
+        MODEL_FILE,
+        Saved,
+        as_format1,
+        content,
+        delta_content,
+        file_metadata,
+        randomize,
+    )
 
     root = tmp_path_factory.mktemp("saved")
     model = sam_model()
@@ -159,6 +170,8 @@ def saved(tmp_path_factory):
     model.save_pretrained(root / "adapter")
     delta = sam_peft.SparseDelta.from_peft(model)
     delta.save(root / "delta.safetensors")
+    as_format1(root / "adapter")
+    as_format1(root / "delta.safetensors")
     raw, delta_raw = (root / "adapter" / MODEL_FILE).read_bytes(), (root / "delta.safetensors").read_bytes()
     delta_loaded = sam_peft.SparseDelta.load(root / "delta.safetensors")
     return Saved(

@@ -27,10 +27,10 @@ from safetensors.torch import save as encode_safetensors
 from safetensors.torch import save_file
 
 import sam_peft
-from sam_peft.storage.io import CHECKSUM_KEY
+from sam_peft.storage.encoding import ADAPTER_KEYS, DELTA_KEYS, decode_tensors
+from sam_peft.storage.io import CHECKSUM_KEY, load_safetensors_checked, save_safetensors_atomic
 
 SPARSITY = 0.05
-MODEL_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
 MODEL_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
 PREFIX = "base_model.model."
 # The tensor most deterministic cases tamper with: 1024 entries, 51 of them selected at p = 0.05.
@@ -48,6 +48,39 @@ KEYS = {
                              other_val=f"sparse.{OTHER}.values"),
 }
 
+
+
+def decoded_file(path) -> dict[str, torch.Tensor]:
+    """The tensors of a saved adapter or SparseDelta file with format-2 records decoded into indices and values."""
+    tensors, metadata = load_safetensors_checked(path)
+    return decode_tensors(tensors, DELTA_KEYS if metadata.get("kind") == "sam-peft-sparse-delta" else ADAPTER_KEYS)[0]
+
+
+def as_format1(path: Path) -> Path:
+    """Rewrite a saved adapter directory or SparseDelta file in format 1, as sam-peft before format 2 wrote it:
+    int32 (int64 for tensors of >= 2**31 entries) indices and float32 values per tensor, `sam_peft_format` 1 and no
+    encoding marks in the header (checksums of the format-1 tensors), and `format_version` 1 without `values_dtype`
+    in the adapter config."""
+    path = Path(path)
+    weights = path / MODEL_FILE if path.is_dir() else path
+    tensors, metadata = load_safetensors_checked(weights)
+    delta = metadata.get("kind") == "sam-peft-sparse-delta"
+    tensors, _ = decode_tensors(tensors, DELTA_KEYS if delta else ADAPTER_KEYS)
+    sizes = json.loads(metadata["shapes"]) if delta else None
+    for key, tensor in tensors.items():
+        if key.endswith(".indices") if delta else ".sparsediff_indices." in key:
+            numel = 1
+            for dim in sizes[key.removeprefix("sparse.").removesuffix(".indices")] if delta else ():
+                numel *= dim
+            tensors[key] = tensor.to(torch.int64 if numel >= 2**31 else torch.int32)
+    metadata = {k: v for k, v in metadata.items()
+                if k not in (CHECKSUM_KEY, "sam_peft_index_encoding", "sam_peft_values_dtype")}
+    save_safetensors_atomic(tensors, weights, metadata={**metadata, "sam_peft_format": "1"})
+    if path.is_dir():
+        config = json.loads((path / CONFIG_FILE).read_text())
+        config.pop("values_dtype", None)
+        (path / CONFIG_FILE).write_text(json.dumps({**config, "format_version": 1}, indent=2, sort_keys=True))
+    return path
 
 
 def randomize(model, seed: int = 0) -> None:

@@ -76,6 +76,9 @@ def test_inspect_accepts_every_method(runs, capsys):
         assert summary["kind"] == KINDS[method] and summary["method"] == method
         if method == "sam":
             assert summary["entries"] > 0 and summary["counts_match_config"]
+            assert (summary["format_version"], summary["index_encoding"], summary["values_dtype"]) == (
+                2, "coded-gaps", "float32")
+            assert summary["bytes_per_entry"] == round(summary["file_bytes"] / summary["entries"], 3)
         else:
             assert summary["parameters"] > 0 and summary["file_bytes"] > 0
         assert main(["inspect", str(out)]) == 0  # the table form too

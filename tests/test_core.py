@@ -33,6 +33,7 @@ from transformers import BertForMaskedLM, GPT2LMHeadModel
 import sam_peft
 from sam_peft.ranking.budget import Budget
 from sam_peft.ranking.topk import top_entries
+from sam_peft.storage.encoding import ADAPTER_KEYS, decode_tensors
 from sam_peft.tuner.ops import (
     BlockStructure,
     DeltaSlot,
@@ -364,13 +365,18 @@ def test_save_load_roundtrip(case, tmp_path):
         metadata = handle.metadata()
         tensors = {k: handle.get_tensor(k) for k in keys}
     heads = tuple(f"{PREFIX}{h}." for h in head_module_names(pm))
-    for key in keys:
+    for key in keys:  # format 2: per tuned tensor a uint8 index stream and float32 values, and the head
         assert ".sparsediff_indices." in key or ".sparsediff_values." in key or key.startswith(heads), key
         if ".sparsediff_indices." in key:
-            assert tensors[key].dtype == torch.int32, key
+            assert tensors[key].dtype == torch.uint8, key
         if ".sparsediff_values." in key:
             assert tensors[key].dtype == torch.float32, key
     assert sum(".sparsediff_indices." in k for k in keys) == len(config.counts)
+    assert (metadata["sam_peft_format"], metadata["sam_peft_index_encoding"], metadata["sam_peft_values_dtype"]) == (
+        "2", "coded-gaps", "float32")
+    decoded, dtypes = decode_tensors(tensors, ADAPTER_KEYS)
+    assert dtypes <= {"float32"}
+    assert all(t.dtype == torch.int64 for k, t in decoded.items() if ".sparsediff_indices." in k)
     assert any(k.startswith(heads) for k in keys) == (case.task_type == "SEQ_CLS")
     assert metadata["base_fingerprint"] == config.base_fingerprint and len(config.base_fingerprint) == 32
     assert metadata["base_architecture"] == type(base).__name__

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from safetensors import safe_open
 
 import sam_peft
 from sam_peft.parallel.collectives import Shard
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import distributed_worker as w  # noqa: E402
 from conftest import free_port, run_two_ranks  # noqa: E402
 from distributed_worker import assert_same_indices, make_batches, peft_model, tiny_bert, tuned_params  # noqa: E402
+from saved_files import decoded_file  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,8 +82,7 @@ def test_fsdp_selection_training_save_and_load(base, two_ranks):
     assert any(torch.count_nonzero(v) for v in r0["values"].values())
     # saved once, in full; loaded (and sharded again) it gives the same model
     saved = tmp_path / "saved" / "adapter_model.safetensors"
-    with safe_open(str(saved), "pt") as f:
-        stored = {k: f.get_tensor(k) for k in f.keys()}
+    stored = decoded_file(saved)
     assert sum(v.numel() for k, v in stored.items() if "sparsediff_values" in k) == r0["numel"]
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "saved"))
     assert_same_indices(sam_peft.selected_indices(loaded), r0["loaded_selected"])

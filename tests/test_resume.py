@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 from conftest import ENV
-from safetensors.torch import load_file
 from saved_files import (
     CONFIG_FILE,
     MODEL_FILE,
+    decoded_file,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -117,8 +117,8 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path):
     assert report["global_step"] == reference["global_step"] == 6
     assert report["losses"] == reference["losses"]
 
-    final = load_file(str(tmp_path / "a-final" / MODEL_FILE))
-    expected = load_file(str(tmp_path / "b-final" / MODEL_FILE))
+    final = decoded_file(tmp_path / "a-final" / MODEL_FILE)
+    expected = decoded_file(tmp_path / "b-final" / MODEL_FILE)
     assert final.keys() == expected.keys()
     for key in expected:  # bit-identical: indices and values
         assert final[key].dtype == expected[key].dtype and torch.equal(final[key], expected[key]), key

@@ -16,6 +16,7 @@ import torch
 from conftest import SEQ, VOCAB, make_bert, run_two_ranks, sam_model
 from peft import get_peft_model
 from safetensors import safe_open
+from saved_files import decoded_file
 
 import sam_peft
 from sam_peft.ranking.budget import entry_budget
@@ -508,8 +509,7 @@ def test_trainer_end_to_end_and_resume(base, tmp_path):
     # the checkpoint's indices
     ckpt = tmp_path / "run" / "checkpoint-3"
     assert (ckpt / "adapter_model.safetensors").is_file()
-    with safe_open(str(ckpt / "adapter_model.safetensors"), framework="pt") as f:
-        ckpt_tensors = {k: f.get_tensor(k) for k in f.keys()}
+    ckpt_tensors = decoded_file(ckpt / "adapter_model.safetensors")
 
     # merged model differs from the base only at selected entries; the head changed
     merged = copy.deepcopy(model).merge_and_unload()

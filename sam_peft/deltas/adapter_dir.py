@@ -10,6 +10,7 @@ import torch
 
 from ..errors import DeltaFileError
 from ..ranking.signals import SIGNALS
+from ..storage.encoding import ADAPTER_KEYS, decode_tensors
 from ..storage.identity import identity_metadata
 from ..storage.io import load_safetensors_checked
 from ..storage.keys import split_saved_key
@@ -29,7 +30,8 @@ def resolve_adapter_dir(path: str | Path) -> Path:
     return path
 
 
-def _read(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, str], Path]:
+def _read(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, str], Path, int]:
+    """(config, tensors with format-2 records decoded, header metadata, directory, bytes of the sparse entries)."""
     adapter_dir = resolve_adapter_dir(adapter_dir)
     config_path = adapter_dir / "adapter_config.json"
     if not config_path.is_file():
@@ -42,8 +44,14 @@ def _read(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[
         kind = config.get("peft_type") if isinstance(config, dict) else None
         raise DeltaFileError(f"{adapter_dir} holds a peft adapter of type {kind}, not a sam-peft sparse delta "
                              f"({PEFT_TYPE.value}); load it with peft.PeftModel.from_pretrained instead.")
-    tensors, metadata = load_safetensors_checked(adapter_dir / "adapter_model.safetensors")
-    return config, tensors, metadata, adapter_dir
+    path = adapter_dir / "adapter_model.safetensors"
+    tensors, metadata = load_safetensors_checked(path)
+    entry_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if ADAPTER_KEYS.split(k) is not None)
+    try:
+        tensors, _ = decode_tensors(tensors, ADAPTER_KEYS)
+    except DeltaFileError as exc:
+        raise DeltaFileError(f"{path}: {exc}") from exc
+    return config, tensors, metadata, adapter_dir, entry_bytes
 
 
 def split_entries(tensors: dict[str, torch.Tensor]):
@@ -62,7 +70,7 @@ def split_entries(tensors: dict[str, torch.Tensor]):
 
 def adapter_summary(adapter_dir: str | Path) -> dict:
     """Counts, bytes, densities per layer and module kind, fingerprint and selection settings of an adapter."""
-    config, tensors, metadata, adapter_dir = _read(adapter_dir)
+    config, tensors, metadata, adapter_dir, entry_bytes = _read(adapter_dir)
     sparse, dense = split_entries(tensors)
     counts = config.get("counts") or {}
     per_layer, per_kind = defaultdict(int), defaultdict(int)
@@ -71,11 +79,15 @@ def adapter_summary(adapter_dir: str | Path) -> dict:
         per_layer[layer] += parts["indices"].numel()
         per_kind[kind] += parts["indices"].numel()
     entries = sum(p["indices"].numel() for p in sparse.values())
-    entry_bytes = sum(t.numel() * t.element_size() for p in sparse.values() for t in p.values())
+    file_bytes = (adapter_dir / "adapter_model.safetensors").stat().st_size
     return {
         "directory": str(adapter_dir),
-        "file_bytes": (adapter_dir / "adapter_model.safetensors").stat().st_size,
+        "format_version": int(config.get("format_version") or 1),
+        "index_encoding": metadata.get("sam_peft_index_encoding", "int32/int64 indices (format 1)"),
+        "values_dtype": metadata.get("sam_peft_values_dtype", "float32"),
+        "file_bytes": file_bytes,
         "entries": entries,
+        "bytes_per_entry": round(file_bytes / entries, 3) if entries else None,
         "entry_bytes": entry_bytes,
         "dense_params": sum(t.numel() for t in dense.values()),
         "dense_bytes": sum(t.numel() * t.element_size() for t in dense.values()),
@@ -100,7 +112,7 @@ def _budgeted(selection: str | None) -> bool:
 
 def delta_from_adapter_dir(adapter_dir: str | Path):
     """A `SparseDelta` (sparse entries + dense head) from a saved sam-peft adapter directory."""
-    config, tensors, _, _ = _read(adapter_dir)
+    config, tensors, _, _, _ = _read(adapter_dir)
     sparse, dense = split_entries(tensors)
     entries = {}
     for name, parts in sparse.items():

@@ -14,6 +14,7 @@ from peft.utils.other import ModulesToSaveWrapper
 from torch import nn
 
 from ..errors import BaseModelMismatchError, DeltaFileError
+from ..storage.encoding import DELTA_KEYS, check_values_dtype, decode_tensors, encode_tensors, encoding_metadata
 from ..storage.identity import (
     FORMAT_VERSION,
     BaseIdentity,
@@ -294,8 +295,13 @@ class SparseDelta:
         return cls(entries, shapes, dense, metadata)
 
     # ------------------------------------------------------------ files
-    def save(self, path: str | Path) -> Path:
-        """Write the delta as one safetensors file, atomically."""
+    def save(self, path: str | Path, values_dtype: str = "float32") -> Path:
+        """Write the delta as one safetensors file (format 2), atomically.
+
+        `values_dtype`: "float32" (default) keeps the values exactly; "bfloat16" or "float16" store them rounded in
+        half the bytes (`load` returns them as float32).
+        """
+        check_values_dtype(values_dtype)
         path = Path(path)
         missing = [name for name in self.entries if name not in self.shapes]
         if missing:
@@ -309,13 +315,13 @@ class SparseDelta:
         for name, tensor in self.dense.items():
             tensors[f"dense.{name}"] = tensor
         metadata = {**self.metadata, "kind": DELTA_FILE_KIND, "sam_peft_format": str(FORMAT_VERSION),
-                    "shapes": json.dumps(self.shapes, sort_keys=True)}
-        save_safetensors_atomic(tensors, path, metadata=metadata)
+                    "shapes": json.dumps(self.shapes, sort_keys=True), **encoding_metadata(values_dtype)}
+        save_safetensors_atomic(encode_tensors(tensors, DELTA_KEYS, values_dtype), path, metadata=metadata)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> SparseDelta:
-        """Read and validate a file written by `save`."""
+        """Read and validate a file written by `save` (format 2, or format 1 of earlier versions)."""
         tensors, metadata = load_safetensors_checked(path)
         if metadata.get("kind") != DELTA_FILE_KIND:
             raise DeltaFileError(f"{path} is not a sam-peft sparse delta file (no kind={DELTA_FILE_KIND} metadata).")
@@ -330,6 +336,10 @@ class SparseDelta:
                 raise ValueError("shapes must map names to lists of sizes")
         except (KeyError, ValueError) as exc:
             raise DeltaFileError(f"{path} has unreadable shape metadata ({exc}); the file is corrupted.") from exc
+        try:
+            tensors, _ = decode_tensors(tensors, DELTA_KEYS)
+        except DeltaFileError as exc:
+            raise DeltaFileError(f"{path}: {exc}") from exc
         entries, dense = {}, {}
         for name, shape in shapes.items():
             indices = tensors.pop(f"sparse.{name}.indices", None)

@@ -19,7 +19,7 @@ from ..errors import BaseModelMismatchError
 logger = logging.getLogger(__name__)
 
 SAMPLES_PER_TENSOR = 4096
-FORMAT_VERSION = 1  # adapter format written by this sam-peft; newer versions are refused on load
+FORMAT_VERSION = 2  # file format written by this sam-peft (2: encoded entries; 1 still loads); newer is refused
 # Set SAM_PEFT_ALLOW_FINGERPRINT_MISMATCH=1 to load a delta on a base whose weights differ (shapes must match).
 ALLOW_MISMATCH_ENV = "SAM_PEFT_ALLOW_FINGERPRINT_MISMATCH"
 
@@ -65,7 +65,8 @@ def architecture_of(model: nn.Module) -> str:
 def identity_metadata(config: Any) -> dict[str, str]:
     """String metadata of an adapter config (object or JSON dict): the base identity and the selection settings.
 
-    It goes in the safetensors header of adapter files and `SparseDelta` files alike.
+    It goes in the safetensors header of adapter files and `SparseDelta` files alike. (Format 1 also repeated the
+    config's `counts` there; in format 2 each values tensor's shape in the header gives its count.)
     """
     get = config.get if isinstance(config, Mapping) else lambda key, default=None: getattr(config, key, default)
     return {
@@ -76,7 +77,6 @@ def identity_metadata(config: Any) -> dict[str, str]:
         "selection": str(get("selection") or ""),
         "allocation": str(get("allocation") or ""),
         "sparsity": repr(get("sparsity")),
-        "counts": json.dumps(get("counts") or {}, sort_keys=True),
         # only for a quantized base: the headers of float-base files are unchanged
         **({"base_quantization": json.dumps(get("base_quantization"), sort_keys=True)}
            if get("base_quantization") else {}),

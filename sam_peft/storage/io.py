@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -139,8 +139,14 @@ def load_safetensors_checked(path: str | os.PathLike) -> tuple[dict[str, torch.T
     return tensors, metadata
 
 
-def reseal_safetensors(path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """Re-write a safetensors file atomically with `metadata` added to its header and checksums of everything."""
+def reseal_safetensors(
+    path: str | os.PathLike, metadata: dict[str, str],
+    transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+) -> None:
+    """Re-write a safetensors file atomically with `metadata` added to its header, its tensors passed through
+    `transform` (if given), and checksums of everything."""
     tensors, existing = load_safetensors_checked(path)
     existing.pop(CHECKSUM_KEY, None)
+    if transform is not None:
+        tensors = transform(tensors)
     save_safetensors_atomic(tensors, path, metadata={**existing, **metadata})

@@ -14,6 +14,13 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from ..errors import ConfigError, NotSelectedError
 from ..ranking.budget import ALLOCATIONS
 from ..ranking.signals import DATA_FREE_SELECTIONS, SELECTIONS, signal_named
+from ..storage.encoding import (
+    ADAPTER_KEYS,
+    check_values_dtype,
+    decode_tensors,
+    encode_tensors,
+    encoding_metadata,
+)
 from ..storage.identity import FORMAT_VERSION, identity_metadata
 from ..storage.io import load_safetensors_checked, reseal_safetensors, write_text_atomic
 from .peft_type import PEFT_TYPE
@@ -57,6 +64,8 @@ class SparseDiffConfig(PeftConfig):
         format_version (`int`): Version of the adapter format; newer unknown versions are refused.
         combined_from (`dict | None`): Set by `add_weighted_adapter`: the adapters, weights and combination
             (type, density, sign method, seed) the adapter was built from. Not set by hand.
+        values_dtype (`str`): How `save_pretrained` stores the delta values: "float32" (default, exact),
+            "bfloat16" or "float16" (half the bytes, rounded; loaded back as float32). Training is unaffected.
     """
 
     sparsity: float = field(
@@ -103,6 +112,10 @@ class SparseDiffConfig(PeftConfig):
     combined_from: dict | None = field(
         default=None, metadata={"help": "For an adapter built by add_weighted_adapter: its sources and method."}
     )
+    values_dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype of the values in saved files: float32 (exact), bfloat16 or float16 (rounded)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -135,6 +148,7 @@ class SparseDiffConfig(PeftConfig):
                 f"adapter format_version={self.format_version!r} is newer than this sam-peft understands "
                 f"(≤ {FORMAT_VERSION}); upgrade sam-peft to load it."
             )
+        check_values_dtype(self.values_dtype)
         if self.counts is not None:
             bad = {k: v for k, v in self.counts.items() if not isinstance(v, int) or v < 0}
             if bad:
@@ -144,17 +158,21 @@ class SparseDiffConfig(PeftConfig):
         """Write `adapter_config.json` atomically (same content as peft's writer).
 
         peft calls this right after writing the adapter's weights into the same directory; the weights file is
-        then re-written atomically with the base identity and checksums in its header (sam-peft adapters only).
+        then re-written atomically in format 2 (each tensor's indices and values as one encoded record, the values
+        as `values_dtype`) with the base identity, the encoding and checksums in its header.
         """
         if os.path.isfile(save_directory):
             raise ConfigError(f"{save_directory} is a file; save_pretrained needs a directory path.")
         output = self.to_dict()
+        output["format_version"] = FORMAT_VERSION  # what is written now, also for an adapter loaded from format 1
         auto_mapping = kwargs.pop("auto_mapping_dict", None)
         if auto_mapping is not None:
             output["auto_mapping"] = auto_mapping
         weights = os.path.join(save_directory, SAFETENSORS_WEIGHTS_NAME)
         if os.path.isfile(weights):
-            reseal_safetensors(weights, identity_metadata(self))
+            reseal_safetensors(weights, {**identity_metadata(self), **encoding_metadata(self.values_dtype)},
+                               transform=lambda tensors: encode_tensors(decode_tensors(tensors, ADAPTER_KEYS)[0],
+                                                                        ADAPTER_KEYS, self.values_dtype))
         write_text_atomic(os.path.join(save_directory, CONFIG_NAME), json.dumps(output, indent=2, sort_keys=True))
 
     @classmethod

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import ConfigError, DeltaFileError
 from ..parallel.collectives import is_sharded
+from ..storage.encoding import ADAPTER_KEYS, decode_tensors
 from ..storage.identity import BaseIdentity, architecture_of, check_same_base, shapes_digest, weights_fingerprint
 from ..storage.keys import delta_key, is_delta_key
 from ..storage.validation import check_dense_tensors, check_entries, index_dtype
@@ -180,6 +181,9 @@ class SparseDiffModel(BaseTuner):
     # ----------------------------------------------------------------- loading
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """peft's key remapping, after decoding format-2 records into indices and values (format 1 and in-memory
+        state dicts hold those already), then the checks of `load_entries`."""
+        state_dict, _ = decode_tensors(state_dict, ADAPTER_KEYS)
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         load_entries(model, config, adapter_name, remapped)
         return remapped
