@@ -244,7 +244,7 @@ def run_burn_in(peft_model: nn.Module, found: list[Target], dataloader, options:
     pass `record` replays the first pass's clipping coefficients and checks its losses."""
     group = found if group is None else group
     stats = Statistics(group, options.signal, options.statistics_dtype, sharded)
-    with _burn_in_mode(peft_model, found, options.dropout), gradient_sinks(group, stats):
+    with _burn_in_mode(peft_model, found, options.dropout), gradient_sinks(found, stats, group):
         if options.selection == "sam_hessian":
             steps = _hutchinson_pass(peft_model, found, dataloader, options, stats, record, label)
         else:

@@ -314,7 +314,8 @@ def fold_weight_gradient(go2: torch.Tensor, x2: torch.Tensor, fold_rows: Callabl
 class QuantizedLinear(SparseDiffLayer):
     """A quantized Linear (see `KINDS`) with sparse deltas on its logical weight (and its bias, if any)."""
 
-    _gradient_sink: tuple[torch.Tensor, Callable] | None = None  # (anchor, sink) while a burn-in runs
+    # (anchor, sink) while a burn-in runs; sink None: the layer runs the burn-in kernel but keeps no statistics
+    _gradient_sink: tuple[torch.Tensor, Callable | None] | None = None
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, module_key: str,
                  skip: frozenset[str] = frozenset()) -> None:
