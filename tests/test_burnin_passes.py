@@ -276,6 +276,33 @@ def test_statistics_held_stay_within_the_budget(bert, batches, monkeypatch, capl
     assert made == [sum(sizes)] and report.statistics_bytes == sum(sizes) and report.passes == 1
 
 
+@pytest.mark.parametrize("allocation", ["per_tensor", "global"])
+def test_a_pass_holds_no_scores_of_an_earlier_pass(bert, batches, monkeypatch, allocation):
+    """Each pass's statistics are allocated after the previous group's scores are released: a pass holds one
+    group's statistics, not also the last group's scores (which would double the budget)."""
+    import weakref
+
+    scores, alive_at_start = [], []
+    original_init, original_pop = statistics_module.Statistics.__init__, statistics_module.Statistics.pop_scores
+
+    def init(self, *args, **kwargs):
+        alive_at_start.append(sum(ref() is not None for ref in scores))
+        original_init(self, *args, **kwargs)
+
+    def pop(self, *args, **kwargs):
+        score = original_pop(self, *args, **kwargs)
+        scores.append(weakref.ref(score))
+        return score
+
+    monkeypatch.setattr(statistics_module.Statistics, "__init__", init)
+    monkeypatch.setattr(statistics_module.Statistics, "pop_scores", pop)
+    model = sam_model(copy.deepcopy(bert), sparsity=SPARSITY, allocation=allocation)
+    report = sam_peft.select_parameters(model, batches, progress=False, selection="sam",
+                                        max_statistics_bytes=budgets(statistic_sizes(model, "sam"))[1])
+    assert report.passes > 2 and len(alive_at_start) == report.passes
+    assert alive_at_start == [0] * report.passes
+
+
 def test_a_budget_below_one_tensor_names_it(bert, batches):
     model = sam_model(copy.deepcopy(bert))
     sizes = statistic_sizes(model, "sam_hessian")

@@ -305,13 +305,18 @@ def test_cli_merge_says_which_merge_runs(float_path):
 
 
 @pytest.mark.parametrize("allocation", ["per_tensor", "global"])
-def test_statistics_budget_on_a_quantized_base_selects_as_one_pass(float_path, allocation):
-    """`max_statistics_bytes` on an NF4 base: several passes, the same selection as one pass."""
+@pytest.mark.parametrize("autocast", [False, True])
+def test_statistics_budget_on_a_quantized_base_selects_as_one_pass(float_path, allocation, autocast):
+    """`max_statistics_bytes` on an NF4 base: several passes, the same selection as one pass; under bf16 autocast
+    too (SAMCallback with bf16=True), where bitsandbytes' own forward returns another dtype than the burn-in's
+    kernel, so every pass must run the burn-in's kernel in every quantized layer, not only in its group's."""
     data = batches(3)
     chosen = []
     for budget in (None, 4096 * 4 * 3):  # one pass; then about three q_proj-sized tensors per pass
         model = _sam(load_quantized(float_path, "nf4"), selection="sam", allocation=allocation)
-        report = sam_peft.select_parameters(model, data, progress=False, dropout=False, max_statistics_bytes=budget)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            report = sam_peft.select_parameters(model, data, progress=False, dropout=False,
+                                                max_statistics_bytes=budget)
         assert (report.passes > 1) == (budget is not None)
         chosen.append(sam_peft.selected_indices(model))
     for name in chosen[0]:

@@ -51,16 +51,19 @@ def _sink(stats: Statistics, name: str, go2: torch.Tensor, x2: torch.Tensor) -> 
 
 
 @contextlib.contextmanager
-def gradient_sinks(found: list[Target], stats: Statistics):
-    """While inside, every quantized target's layer folds its weight gradient into `stats` during backward; an
-    anchor that requires grad makes backward reach each of them even where nothing upstream needs a gradient."""
-    layers = [(t.layer, t.name) for t in found if t.quantized]
+def gradient_sinks(found: list[Target], stats: Statistics, group: list[Target] | None = None):
+    """While inside, every quantized target's layer runs the burn-in kernel, with an anchor that requires grad so
+    backward reaches it even where nothing upstream needs a gradient; the layers of `group` (default: all of
+    `found`) fold their weight gradient into `stats` during backward. Every pass of a burn-in in several passes
+    thus runs the same kernels in every layer (bitsandbytes' own forward can return another dtype under autocast,
+    which would change the losses a later pass must replay), whichever group it keeps."""
+    kept = {t.name for t in (found if group is None else group)}
+    layers = [(t.layer, t.name, t.param.device) for t in found if t.quantized]
     try:
-        for layer, name in layers:
-            anchor = torch.zeros((), device=stats.tensors[next(iter(stats.tensors))][name].device,
-                                 requires_grad=True)
-            layer._gradient_sink = (anchor, partial(_sink, stats, name))
+        for layer, name, device in layers:
+            anchor = torch.zeros((), device=device, requires_grad=True)
+            layer._gradient_sink = (anchor, partial(_sink, stats, name) if name in kept else None)
         yield
     finally:
-        for layer, _ in layers:
+        for layer, _, _ in layers:
             layer._gradient_sink = None

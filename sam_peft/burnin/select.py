@@ -175,10 +175,11 @@ def _select_in_passes(peft_model, found: list[Target], groups: list[list[Target]
         named_scores = _scores(stats, options, group)
         if running is not None:
             running.add(named_scores)
-            continue
-        picked = top_entries(named_scores, budget(config.sparsity, "per_tensor", [t.numel for t in group]))
-        chosen.update(picked)
-        kept.append(_kept(named_scores, picked))
+        else:
+            picked = top_entries(named_scores, budget(config.sparsity, "per_tensor", [t.numel for t in group]))
+            chosen.update(picked)
+            kept.append(_kept(named_scores, picked))
+        del stats, named_scores  # the next pass holds its own group's statistics only, not this group's scores
     if running is not None:
         chosen = dict(zip((t.name for t in found), running.chosen([t.numel for t in found])))
         return chosen, running.scores.cpu(), steps, seconds, largest
@@ -244,7 +245,7 @@ def run_burn_in(peft_model: nn.Module, found: list[Target], dataloader, options:
     pass `record` replays the first pass's clipping coefficients and checks its losses."""
     group = found if group is None else group
     stats = Statistics(group, options.signal, options.statistics_dtype, sharded)
-    with _burn_in_mode(peft_model, found, options.dropout), gradient_sinks(group, stats):
+    with _burn_in_mode(peft_model, found, options.dropout), gradient_sinks(found, stats, group):
         if options.selection == "sam_hessian":
             steps = _hutchinson_pass(peft_model, found, dataloader, options, stats, record, label)
         else:

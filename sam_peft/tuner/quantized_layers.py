@@ -265,12 +265,13 @@ class QuantizedDeltaMatmul(torch.autograd.Function):
     def forward(ctx, x, values, bias, anchor, layer, indices, structure, sink):
         dtype = _compute_dtype(x, layer.get_base_layer())
         out_dtype = dtype if torch.is_autocast_enabled(x.device.type) else x.dtype
-        written = None
+        weight, written = layer.dequantized(), None  # one dequantization: θ0 at the indices is read from it
         if indices is not None:
-            theta0 = layer.dequantized_at(indices)
-            written = add_rounded_once(theta0, values.detach())
+            flat = weight.view(-1)
+            written = add_rounded_once(flat.index_select(0, indices), values.detach())
+            flat.index_copy_(0, indices, written.to(weight.dtype))
         xc = x.to(dtype)
-        out = F.linear(xc, _tuned_weight(layer, indices, written, dtype), None if bias is None else bias.to(dtype))
+        out = F.linear(xc, weight.to(dtype), None if bias is None else bias.to(dtype))
         ctx.layer, ctx.indices, ctx.written, ctx.dtype, ctx.sink = layer, indices, written, dtype, sink
         ctx.x_shape, ctx.x_dtype, ctx.bias_dtype = x.shape, x.dtype, None if bias is None else bias.dtype
         ctx.structure = structure
@@ -314,7 +315,8 @@ def fold_weight_gradient(go2: torch.Tensor, x2: torch.Tensor, fold_rows: Callabl
 class QuantizedLinear(SparseDiffLayer):
     """A quantized Linear (see `KINDS`) with sparse deltas on its logical weight (and its bias, if any)."""
 
-    _gradient_sink: tuple[torch.Tensor, Callable] | None = None  # (anchor, sink) while a burn-in runs
+    # (anchor, sink) while a burn-in runs; sink None: the layer runs the burn-in kernel but keeps no statistics
+    _gradient_sink: tuple[torch.Tensor, Callable | None] | None = None
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, module_key: str,
                  skip: frozenset[str] = frozenset()) -> None:
