@@ -226,7 +226,9 @@ def run_training(settings: TrainSettings) -> dict:
         "model": settings_dict["model"],
         "metric": dev_metrics.get("primary"),  # the official dev split's primary metric
         "metrics": dev_metrics,
-        **dev_facts,  # the dev predictions' histogram, the constant-prediction score and the `constant` flag
+        # the dev predictions' histogram, the constant-prediction score, the `constant` flag, the 95 % bootstrap
+        # interval of the dev metric and whether it lies above the constant score
+        **dev_facts,
         "heldout_metrics": heldout_metrics,
         "train_metrics": train_metrics,
         "train_seconds": train_seconds,
@@ -347,6 +349,7 @@ def _evaluate(trainer, encoded: dict, settings: TrainSettings, task) -> tuple[di
     `sam_peft.tasks.constant.constant_facts` about its predictions) and, for the training-set fit (Fig. 5), the
     first `train_eval_limit` training rows ({} when that is 0)."""
     from .tasks.constant import constant_facts
+    from .tasks.interval import interval_facts
 
     def evaluate(dataset, split: str) -> dict:
         metrics = trainer.evaluate(dataset, metric_key_prefix=split)
@@ -356,6 +359,7 @@ def _evaluate(trainer, encoded: dict, settings: TrainSettings, task) -> tuple[di
     output = trainer.predict(encoded["dev"], metric_key_prefix="dev")
     dev = {key.removeprefix("dev_"): value for key, value in output.metrics.items()}
     facts = constant_facts(task, output.predictions, output.label_ids, dev["primary"])
+    facts |= interval_facts(task, output.predictions, output.label_ids, facts["constant_score"])
     if settings.train_eval_limit:
         train = evaluate(encoded["train"].select(range(min(settings.train_eval_limit, len(encoded["train"])))),
                          "train")

@@ -74,6 +74,9 @@ def test_train_writes_delta_metrics_and_plots(tmp_path, data_dir, tiny_model, ca
     assert metrics["constant_score"] == pytest.approx(baseline["constant_score"])
     assert metrics["constant_class"] == baseline["constant_class"]
     assert metrics["constant"] == (min(histogram) == 0 or abs(metrics["metric"] - baseline["constant_score"]) < 1e-6)
+    low, high = metrics["dev_interval"]  # 95 % bootstrap interval of the dev metric, printed beside it
+    assert low <= metrics["metric"] <= high and "95 % interval" in printed
+    assert metrics["above_constant"] == (low > metrics["constant_score"])
 
 
 def test_inspect_eval_switch_and_merge(tmp_path, data_dir, tiny_model, capsys):
@@ -119,7 +122,7 @@ def test_bench_smoke_resumes_and_reports(tmp_path, data_dir, tiny_model):
     assert len(records) == 6  # 3 methods × 2 seeds
     required = {"task", "method", "seed", "sparsity", "model", "metric", "metrics", "status", "train_seconds",
                 "trainable_params", "delta_bytes", "git_commit", "command", "log_history", "dev_histogram",
-                "constant_score", "constant_class", "constant"}
+                "constant_score", "constant_class", "constant", "dev_interval", "above_constant"}
     assert all(required <= set(r) for r in records)
     assert all(any("eval_primary" in e for e in r["log_history"]) and sum(r["dev_histogram"]) == 12 for r in records)
     # a killed write leaves a partial line: it is ignored, and finished runs are not run again

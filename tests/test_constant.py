@@ -109,3 +109,38 @@ def test_older_records_are_judged_from_the_dev_labels(tmp_path):
     new = [_run("rte", "sam", 0, 25.0, constant=False)]
     mark_constant(new, str(tmp_path))
     assert new[0]["constant"] is False  # a record's own flag is kept
+
+
+def test_bootstrap_interval_covers_the_score_and_narrows_with_more_examples():
+    from sam_peft.tasks.interval import bootstrap_interval
+
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (100, 1600):
+        labels = rng.integers(0, 2, n)
+        preds = np.where(rng.random(n) < 0.8, labels, 1 - labels)  # about 80 % right
+        score = 100 * np.mean(preds == labels)
+        low, high = bootstrap_interval("rte", preds, labels)
+        assert low <= score <= high
+        widths.append(high - low)
+        # the normal approximation of a binomial proportion's 95 % interval: within 25 % of it
+        assert (high - low) == pytest.approx(2 * 1.96 * 100 * np.sqrt(0.8 * 0.2 / n), rel=0.25)
+    assert widths[1] < widths[0] / 3  # 16x the examples: about a quarter of the width
+    assert bootstrap_interval("rte", preds, labels) == bootstrap_interval("rte", preds, labels)  # seeded
+
+
+def test_interval_facts_say_whether_a_run_beats_the_constant_prediction():
+    from sam_peft.tasks.interval import interval_facts
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 277)
+    chance = np.where(rng.random(277) < 0.5, labels, 1 - labels)  # a coin
+    baseline = constant_baseline("rte", labels)["constant_score"]
+    assert interval_facts("rte", chance, labels, baseline)["above_constant"] is False
+    good = np.where(rng.random(277) < 0.9, labels, 1 - labels)
+    facts = interval_facts("rte", good, labels, baseline)
+    assert facts["above_constant"] is True and facts["dev_interval"][0] > baseline
+    gold = rng.normal(size=300)  # regression: the constant score is 0 correlation
+    assert interval_facts("stsb", gold + rng.normal(size=300), gold, 0.0)["above_constant"] is True
+    with pytest.raises(ValueError, match="must match"):
+        interval_facts("rte", good[:10], labels, baseline)

@@ -103,10 +103,12 @@ def _one_run(run: dict, profile: Profile, model: str | None, data_dir: str | Non
         "method_facts": metrics.get("method_facts", {}), "global_steps": metrics.get("global_steps"),
         "train_metric": metrics.get("train_metrics", {}).get("primary"), "device": _device(),
         # what a run needs to be trusted: the held-out curve, the dev predictions' class histogram (None for
-        # regression), the best constant prediction's dev score and whether this run is one (sam_peft.tasks.constant)
+        # regression), the best constant prediction's dev score and whether this run is one (sam_peft.tasks.constant),
+        # the dev metric's 95 % bootstrap interval and whether it lies above that score (sam_peft.tasks.interval)
         "log_history": metrics["log_history"], "dev_histogram": metrics["dev_histogram"],
         "constant_score": metrics["constant_score"], "constant_class": metrics["constant_class"],
-        "constant": metrics["constant"],
+        "constant": metrics["constant"], "dev_interval": metrics["dev_interval"],
+        "above_constant": metrics["above_constant"],
         "settings": {k: v for k, v in profile.settings.items()}, "variant_settings": overrides,
         "git_commit": _git_commit(), "command": command,
     }

@@ -63,10 +63,10 @@ def run(args: argparse.Namespace) -> int:
     print_table([
         ("task", metrics["task"]), ("method", metrics["method"]), ("seed", metrics["seed"]),
         ("dev (official) primary", f"{metrics['metric']:.2f}"),
+        ("  95 % interval", "{:.2f}-{:.2f} (bootstrap over the dev examples)".format(*metrics["dev_interval"])),
         *[(f"  {k}", f"{v:.4f}") for k, v in metrics["metrics"].items()
           if isinstance(v, float) and not k.endswith(("runtime", "per_second", "loss"))],
-        ("constant prediction's dev primary", f"{metrics['constant_score']:.2f}"
-         + (" (this run is flagged constant)" if metrics["constant"] else "")),
+        ("constant prediction's dev primary", f"{metrics['constant_score']:.2f}" + _verdict(metrics)),
         ("held-out 10 % primary", f"{metrics['heldout_metrics'].get('primary', float('nan')):.2f}"),
         ("trainable parameters", f"{metrics['trainable_params']:,}"),
         ("adapter file bytes", f"{metrics['delta_bytes']:,}"),
@@ -76,3 +76,11 @@ def run(args: argparse.Namespace) -> int:
         ("output", args.output),
     ])
     return 0
+
+
+def _verdict(metrics: dict) -> str:
+    if metrics["constant"]:
+        return " (this run is flagged constant: it predicts what a constant prediction does)"
+    if metrics["above_constant"]:
+        return " (below the run's whole interval: the run beats it)"
+    return " (inside the run's interval: not distinguishable from a constant prediction)"
