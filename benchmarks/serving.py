@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -201,7 +202,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     torch.set_num_threads(args.threads)
-    result = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+    result = {"command": "python benchmarks/serving.py " + " ".join(sys.argv[1:]),
+              "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__, "rows": []}
     for key in args.workloads:
         result["rows"] += bench_workload(key, args.device, args.rounds)
