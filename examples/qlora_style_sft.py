@@ -35,6 +35,10 @@ parser.add_argument("--dataset", help="hub dataset with a 'text' or 'messages' c
 parser.add_argument("--max-steps", type=int, default=20)
 parser.add_argument("--burn-in-steps", type=int, default=4)
 parser.add_argument("--sparsity", type=float, default=0.005)
+parser.add_argument("--max-statistics-gib", type=float,
+                    help="burn-in in several passes, each holding at most this many GiB of statistics")
+parser.add_argument("--batch-size", type=int, default=8)
+parser.add_argument("--max-length", type=int, default=512)
 parser.add_argument("--output", default="out/example-qlora-style")
 args = parser.parse_args()
 gpu = torch.cuda.is_available()
@@ -74,15 +78,17 @@ else:
     train = Dataset.from_dict({"text": [" ".join(f"w{int(i)}" for i in torch.randint(0, 60, (16,), generator=generator))
                                         for _ in range(64)]})
 
+statistics_budget = int(args.max_statistics_gib * 2**30) if args.max_statistics_gib else None
 trainer = SFTTrainer(
     model,
     args=SFTConfig(output_dir=f"{args.output}/checkpoints", max_steps=args.max_steps, learning_rate=1e-3,
-                   per_device_train_batch_size=8, logging_steps=5, save_strategy="no", report_to=[], bf16=True,
-                   use_cpu=not gpu, max_length=512, gradient_checkpointing=True, seed=0),
+                   per_device_train_batch_size=args.batch_size, logging_steps=5, save_strategy="no", report_to=[],
+                   bf16=True, use_cpu=not gpu, max_length=args.max_length, gradient_checkpointing=True, seed=0),
     train_dataset=train,
     processing_class=tokenizer,
     peft_config=sam_peft.SAMConfig(sparsity=args.sparsity, task_type="CAUSAL_LM"),
-    callbacks=[sam_peft.SAMCallback(burn_in_steps=args.burn_in_steps)],  # burn-in at θ0, then the top p only
+    # burn-in at θ0 (in several passes under a statistics budget), then the top p only
+    callbacks=[sam_peft.SAMCallback(burn_in_steps=args.burn_in_steps, max_statistics_bytes=statistics_budget)],
 )
 trainer.train()
 trainer.model.print_trainable_parameters()
