@@ -140,3 +140,47 @@ def test_flattened_rows_are_refused_naming_the_module():
     batch = _batch(ARCHS["mixtral"], 2)
     with pytest.raises(ValueError, match=r"mlp\.gate .*flattened tokens"):
         model(**batch, adapter_names=["one", "two"])
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_linear_layers_add_each_adapters_term_to_its_rows(name, monkeypatch):
+    """Linear / Conv1D layers run one matmul for the batch and add each adapter's delta as a sparse term to its
+    rows; small groups take that path, and a group whose term would outgrow the weight runs its own forward."""
+    from sam_peft.tuner.weight_layers import SparseDiffLinear
+
+    arch = ARCHS[name]
+    model = _two_adapters(arch)
+    taken = []
+    by_terms = SparseDiffLinear.forward_rows_by_terms
+
+    def spy(self, groups, x):
+        out = by_terms(self, groups, x)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(SparseDiffLinear, "forward_rows_by_terms", spy)
+    for rows in (len(NAMES), 48):  # 48 rows: groups of 12-24 rows × k at p = 0.05 outgrow the weight
+        names = [NAMES[r % len(NAMES)] for r in range(rows)]
+        batch = _batch(arch, rows)
+        taken.clear()
+        with torch.no_grad():
+            mixed = model(**batch, adapter_names=names).logits
+            for r in (0, 1, 2):
+                torch.testing.assert_close(mixed[r], _alone(model, batch, r, names[r]), rtol=1e-5, atol=1e-5)
+        assert any(taken) if rows == len(NAMES) else not any(taken), (rows, taken)
+
+
+def test_a_hot_swapped_delta_reaches_the_mixed_batch():
+    arch = ARCHS["llama"]
+    model = _two_adapters(arch)
+    batch = _batch(arch, 2)
+    with torch.no_grad():
+        model(**batch, adapter_names=["one", "two"])  # builds the per-adapter term caches
+        model.add_adapter("three", sam_peft.SAMConfig(task_type=arch.task_type, sparsity=0.05, selection="random"))
+        for target in targets(model, "three"):
+            target.values.copy_(0.3 * torch.randn(target.values.shape, generator=torch.Generator().manual_seed(3)))
+        other = sam_peft.SparseDelta.from_peft(model, "three")
+        expected = _alone(model, batch, 0, "three")
+        sam_peft.hotswap_adapter(model, other, "one")  # other indices and values, in place
+        mixed = model(**batch, adapter_names=["one", "two"]).logits
+        torch.testing.assert_close(mixed[0], expected, rtol=1e-5, atol=1e-5)

@@ -1,8 +1,12 @@
 """Mixed-adapter batches: peft's `adapter_names` argument, one adapter (or `"__base__"`) per row of a batch.
 
-Each layer splits its input by row into one sub-batch per adapter, runs each sub-batch exactly as a
-single-adapter forward would (the delta written into the weight for the call, O(k)), and puts the rows back in
-place. A row's output is therefore the one it gets when run alone with its adapter set.
+Linear and Conv1D layers on a float weight, in inference, run one matmul with θ0 for the whole batch and add each
+adapter's delta to its rows as a gathered sparse term (O(rows × k)): the weight is read once however many adapters
+the batch holds. A row's output equals the one it gets alone with its adapter set up to rounding (there θ0 + Δ is
+rounded once into the weight; here x·Δ is a separate term). Where that does not apply (other layer kinds, quantized
+weights, a group whose gathered term would outgrow the weight), each layer splits its input by row into
+one sub-batch per adapter, runs each sub-batch exactly as a single-adapter forward would (the delta written into
+the weight for the call, O(k)), and puts the rows back in place.
 
 A layer where the batch's adapters differ can only split rows it can see: its first input must have the batch as
 dimension 0. The one exception is an absolute position table read with ids of shape (1, T) broadcast over the
@@ -74,6 +78,12 @@ def mixed_batch_forward(layer: nn.Module, batch: MixedBatch, args: tuple, kwargs
     if layer.merged:
         raise ValueError(f"{layer.module_key} has merged adapters {layer.merged_adapters}; unmerge them before "
                          "passing adapter_names.")
+    by_terms = getattr(layer, "forward_rows_by_terms", None)
+    if by_terms is not None and not shared and len(args) == 1 and not kwargs:
+        groups = [(name, batch.rows(position, x.device)) for position, (name, _) in enumerate(batch.groups)]
+        out = by_terms(groups, x)
+        if out is not None:
+            return out
     out = None
     for position, (name, _) in enumerate(batch.groups):
         rows = batch.rows(position, x.device)

@@ -25,10 +25,15 @@ from .ops import (
     matmul,
     sparse_delta_embedding,
     sparse_term,
+    tensor_version,
     written_delta_embedding,
     written_delta_matmul,
 )
 from .quantized_layers import QuantizedLinear, check_supported, quantized_kind, unsupported_quantization
+
+# a mixed batch adds an adapter's delta as a gathered term while (rows × tokens × k) ≤ this × the weight's size;
+# beyond it the per-group forwards are faster (MiniLM, 8 adapters, 256 tokens per group: terms 1.8× slower, CPU)
+TERMS_MAX_RATIO = 1.0
 
 
 def _writable(weight: torch.Tensor) -> bool:
@@ -175,6 +180,48 @@ class SparseDiffLinear(_WeightDeltaLayer):
             return written_delta_matmul(x, base.weight, bias, values, structure, self.transposed, slot)
         out = matmul(x, base.weight, bias, self.transposed) if bias is not base.bias else base(x, *args, **kwargs)
         return out + sparse_term(x, values, structure, self.transposed, self.out_features).to(out.dtype)
+
+
+    def forward_rows_by_terms(self, groups: list[tuple[str, torch.Tensor]], x: torch.Tensor) -> torch.Tensor | None:
+        """A mixed-adapter batch in one matmul: θ0 for every row, then each adapter's delta added to its rows as a
+        gathered sparse term x[..., in] · v scattered to out (O(rows × k)). None where a per-group forward is
+        cheaper or needed: a weight that is not a plain float tensor, or a group so large that its gathered term
+        (rows × k) would outgrow the weight (there the per-group matmuls cost what one does)."""
+        base = self.get_base_layer()
+        weight = base.weight
+        if self.disable_adapters or type(weight) not in (nn.Parameter, torch.Tensor) \
+                or not weight.dtype.is_floating_point or weight.device.type == "meta":
+            return None
+        deltas = {name: self._delta([name], "weight") for name, _ in groups
+                  if name in self.sparsediff_values and "weight" in self.sparsediff_values[name]}
+        tokens = x[0].numel() // max(x.shape[-1], 1)  # tokens per row
+        if any(rows.numel() * tokens * d[0].numel() > TERMS_MAX_RATIO * weight.numel()
+               for (name, rows) in groups if (d := deltas.get(name)) is not None):
+            return None
+        out = matmul(x, weight, base.bias, self.transposed)
+        for name, rows in groups:
+            part = self._rows_term(name, deltas.get(name), x.index_select(0, rows), out.dtype)
+            if part is not None:
+                out.index_add_(0, rows, part)
+        return out
+
+    def _rows_term(self, name: str, delta, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """One adapter's x Δᵀ (+ its bias delta) on its rows, by gathering x at each entry's input column."""
+        bias = self._delta([name], "bias") if self.get_base_layer().bias is not None else None
+        if delta is None and bias is None:
+            return None
+        part = x.new_zeros((*x.shape[:-1], self.out_features), dtype=dtype)
+        if delta is not None:
+            indices, values = delta
+            source = self.sparsediff_indices[name]["weight"]  # the stored indices, as `_delta` keys its copy
+            inputs, outputs = self._cached(
+                ("terms", name), lambda: (tensor_version(source), source.data_ptr(), source.numel(), self.transposed),
+                lambda: (indices // self.out_features, indices % self.out_features) if self.transposed
+                else (indices % self.in_features, indices // self.in_features))
+            part.index_add_(-1, outputs, x.to(dtype).index_select(-1, inputs) * values.to(dtype))
+        if bias is not None:
+            part.index_add_(-1, bias[0], bias[1].to(dtype).expand(*part.shape[:-1], -1))
+        return part
 
 
 class SparseDiffConv1D(SparseDiffLinear):
