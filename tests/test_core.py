@@ -799,6 +799,32 @@ def test_plan_follows_a_weight_changed_or_replaced_after_the_first_step():
     torch.testing.assert_close(model(x), _dense_reference(layer, x))
 
 
+def test_an_inference_plan_serves_later_calls_and_yields_to_training():
+    """A forward without gradients caches a plan without a block structure: later inference calls take it (equal
+    to the dense reference, also after values change in place), a call that needs gradients does not, and the
+    values' gradient is then the dense reference's."""
+    model, layer = _one_linear_sam()
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        model(x)
+        assert layer._plan is not None and layer._plan.structure is None, "inference caches a plan"
+        plan = layer._plan
+        torch.testing.assert_close(model(x), _dense_reference(layer, x))
+        assert layer._plan is plan, "a second inference call reuses it"
+        layer.sparsediff_values["default"]["weight"].mul_(-1)
+        torch.testing.assert_close(model(x), _dense_reference(layer, x))
+    model(x).pow(2).sum().backward()
+    values = layer.sparsediff_values["default"]["weight"]
+    assert layer._plan.structure is not None, "a training call builds its own plan"
+    dense = layer.get_delta_weight("default", "weight").requires_grad_(True)
+    base = layer.get_base_layer()
+    bias = base.bias + layer.get_delta_weight("default", "bias") if "bias" in layer.sparsediff_values["default"] \
+        else base.bias
+    F.linear(x, base.weight + dense, bias).pow(2).sum().backward()
+    indices = layer.sparsediff_indices["default"]["weight"].long()
+    torch.testing.assert_close(values.grad, dense.grad.view(-1)[indices])
+
+
 def test_second_order_gradients_refuse_loudly():
     """θ0 + Δ is in W only while a kernel runs, so a graph of the backward could not keep it: double backward
     through a written-in layer raises rather than differentiating through θ0."""

@@ -46,7 +46,7 @@ def _writable(weight: torch.Tensor) -> bool:
 
 @dataclass(frozen=True, eq=False)
 class _Plan:
-    """What a Linear's last training call ran with (one active adapter, delta written in), reused while all of it
+    """What a Linear's last call ran with (one active adapter, delta written in), reused while all of it
     is still what the layer holds: the same plan key, values (in the same storage), indices buffer, base tensors,
     and W's storage and version as when θ0 was read."""
 
@@ -59,7 +59,7 @@ class _Plan:
     weight: torch.Tensor
     bias: torch.Tensor | None
     bias_delta: tuple[torch.Tensor, torch.Tensor] | None
-    structure: BlockStructure
+    structure: BlockStructure | None  # None: built by an inference call, taken only by calls that need no gradient
     slot: DeltaSlot
 
     def holds(self, layer: SparseDiffLinear) -> bool:
@@ -144,9 +144,11 @@ class SparseDiffLinear(_WeightDeltaLayer):
         if torch.compiler.is_compiling() or kwargs.get("adapter_names") is not None:
             return super().forward(x, *args, **kwargs)
         plan = self._plan
-        if plan is not None and plan.holds(self):  # the training hot path: nothing changed since the last call
+        if plan is not None and plan.holds(self):  # the hot path: nothing changed since the last call
             bias = plan.bias if plan.bias_delta is None else compose(plan.bias, *plan.bias_delta)
-            return written_delta_matmul(x, plan.weight, bias, plan.values, plan.structure, self.transposed, plan.slot)
+            if plan.structure is not None or not _needs_grad(x, plan.values, bias):  # an inference plan has none
+                return written_delta_matmul(x, plan.weight, bias, plan.values, plan.structure, self.transposed,
+                                            plan.slot)
         self._plan = None
         return super().forward(x, *args, **kwargs)
 
@@ -164,19 +166,15 @@ class SparseDiffLinear(_WeightDeltaLayer):
             return matmul(x, compose(base.weight, indices, values), bias, self.transposed)
         if writable and not torch.compiler.is_compiling() and not _needs_grad(x, values, bias):
             # inference: the delta written in for the call needs θ0's slot only, no structure (a swap stays O(k))
-            return written_delta_matmul(x, base.weight, bias, values, None, self.transposed,
-                                        self._slot(adapters, indices))
+            slot = self._slot(adapters, indices)
+            self._remember(adapters, values, bias_delta, None, slot)
+            return written_delta_matmul(x, base.weight, bias, values, None, self.transposed, slot)
         structure = self._structure(adapters, indices)
         if writable and torch.compiler.is_compiling():  # no lock, no in-place write in a graph
             return composed_delta_matmul(x, base.weight, bias, values, indices, structure, self.transposed)
         if writable:
             slot = self._slot(adapters, indices)
-            # writable means one adapter; no plan for tensors swapped in for one call (functional_call) or
-            # wrapped by torch.func transforms, nor for one row group of a mixed-adapter batch
-            if type(values) is nn.Parameter and adapters == self._active_with_entries():
-                own_values, own_indices = self.sparsediff_values[adapters[0]], self.sparsediff_indices[adapters[0]]
-                self._plan = _Plan(self._plan_key(), values, values.data_ptr(), own_values, own_indices,
-                                   own_indices["weight"], base.weight, base.bias, bias_delta, structure, slot)
+            self._remember(adapters, values, bias_delta, structure, slot)
             return written_delta_matmul(x, base.weight, bias, values, structure, self.transposed, slot)
         out = matmul(x, base.weight, bias, self.transposed) if bias is not base.bias else base(x, *args, **kwargs)
         return out + sparse_term(x, values, structure, self.transposed, self.out_features).to(out.dtype)
@@ -222,6 +220,19 @@ class SparseDiffLinear(_WeightDeltaLayer):
         if bias is not None:
             part.index_add_(-1, bias[0], bias[1].to(dtype).expand(*part.shape[:-1], -1))
         return part
+
+
+    def _remember(self, adapters: list[str], values: torch.Tensor, bias_delta, structure: BlockStructure | None,
+                  slot: DeltaSlot) -> None:
+        """Keep what this call ran with as the plan of the next ones (no structure: an inference plan, which a
+        call that needs gradients does not take). Writable means one adapter; no plan for tensors swapped in
+        for one call (functional_call) or wrapped by torch.func transforms, nor for one row group of a
+        mixed-adapter batch."""
+        if type(values) is nn.Parameter and adapters == self._active_with_entries():
+            base = self.get_base_layer()
+            own_values, own_indices = self.sparsediff_values[adapters[0]], self.sparsediff_indices[adapters[0]]
+            self._plan = _Plan(self._plan_key(), values, values.data_ptr(), own_values, own_indices,
+                               own_indices["weight"], base.weight, base.bias, bias_delta, structure, slot)
 
 
 class SparseDiffConv1D(SparseDiffLinear):
