@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from sam_peft.bench.verdicts import holm
+
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK_METHODS = ("sam", "full", "lora", "fisher", "bitfit", "random", "magnitude")
 # the --pairs of docs/benchmarks-unified-report.md
@@ -55,16 +57,6 @@ def paired(records: list[dict], a: str, b: str, tasks=None, drop_constant: bool 
     return (f"{a} - {b}: {diff.mean():+.2f} over n = {len(diff)} pairs, wins/ties/losses "
             f"{(diff > 0).sum()}/{(diff == 0).sum()}/{(diff < 0).sum()}, paired t-test p = {p:.3g}"
             + (f" (left out, mostly constant: {', '.join(dropped) or 'none'})" if drop_constant else "")), float(p)
-
-
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm's step-down adjustment of a family of p-values."""
-    order = np.argsort(pvalues)
-    adjusted, running = np.empty(len(pvalues)), 0.0
-    for rank, index in enumerate(order):
-        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[index]))
-        adjusted[index] = running
-    return adjusted.tolist()
 
 
 def constant_summary(name: str, records: list[dict]) -> None:

@@ -1,6 +1,7 @@
 """`sam-peft bench report`: how many runs predict a constant, Table 1 (mean ± std, ranks), Table 5 (t-tests of SAM
-against each method), the stability/performance rank correlation (Fig. 4) and the sparsity sweep (Fig. 5), as
-markdown and PNG. A task where a compared method's runs are mostly constant is left out of the comparison."""
+against each method), a verdict on each of the paper's claims (`verdicts`), the stability/performance rank
+correlation (Fig. 4) and the sparsity sweep (Fig. 5), as markdown and PNG. A task where a compared method's runs
+are mostly constant is left out of the comparison."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from scipy import stats
 from ..plots import save_png, subplots
 from ..storage.io import write_text_atomic
 from .glue import read_records
+from .verdicts import claims_report
 
 TASK_ORDER = ("cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc")
 
@@ -350,6 +352,8 @@ def write_report(results: list[str], output: str, pairs: list[tuple[str, str]] =
                   f"\n## Stability vs performance\n\nSpearman ρ between stability rank (std of per-seed means) and "
                   "performance rank: "
                   f"{correlation}.\n"]
+        parts += ["\n## Claims of Fu et al.: stratified sign-flip permutation tests, Holm's adjustment\n",
+                  claims_report(main, mostly_constant(main))]
         if pairs:
             parts += ["\n## Paired comparisons (a − b over matched task and seed runs)\n", paired_table(main, pairs)]
         if summary and all(s["rank"] is not None for s in summary.values()):
