@@ -197,6 +197,6 @@ def _std_claim(records, methods, reference, constant) -> str:
     if lowest == reference and less:
         return f"**holds** | {numbers}"
     if lowest != reference:
-        return (f"**not shown**: {lowest}'s averaged std is lower ({avg[lowest]:.2f} against {avg[reference]:.2f}), "
-                f"no per-task difference significant | {numbers}")
+        return (f"**not shown**: {lowest}'s averaged std is lower ({avg[lowest]:.2f} against {avg[reference]:.2f}) "
+                f"| {numbers}")
     return f"**not shown** (lowest averaged std, no per-task difference significant) | {numbers}"
