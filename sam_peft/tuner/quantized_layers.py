@@ -35,6 +35,7 @@ from .ops import (
     _values_gradient,
     add_rounded_once,
     compose,
+    not_a_view,
     write_at,
 )
 
@@ -279,7 +280,7 @@ class QuantizedDeltaMatmul(torch.autograd.Function):
         if values is not None:
             x_side, ctx.take = _input_side(xc, structure, False, dtype, values.requires_grad)
         ctx.save_for_backward(x_side, xc.reshape(-1, x.shape[-1]) if sink is not None else None)
-        return out.to(out_dtype)
+        return not_a_view(out.to(out_dtype), x, bias)
 
     @staticmethod
     @_first_order_only
