@@ -2,9 +2,12 @@
 that file on models that exercise a particular corner, and the rules behind each fix.
 
 - Longformer divides a projection's output in place: the custom autograd Functions never return a view.
+- RecurrentGemma sets state on its (wrapped) layers at run time: writes reach the wrapped module.
 """
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import test_architectures as matrix
@@ -15,6 +18,7 @@ from peft import get_peft_model
 from torch import nn
 
 import sam_peft
+from sam_peft.tuner.layer import SparseDiffLayer
 from sam_peft.tuner.ops import not_a_view
 
 
@@ -72,3 +76,60 @@ def test_not_a_view():
     assert torch.equal(alias.view(4, 6), base)
     fresh = base + 1
     assert not_a_view(fresh, base) is fresh
+
+
+# --------------------------------------------------------------------------- 4. writes reach the wrapped module
+def test_setattr_reaches_the_wrapped_module():
+    class Stateful(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(3))
+            self.state = None
+
+        def forward(self, x):
+            out = x * self.scale + (0 if self.state is None else self.state)
+            self.state = out.detach()
+            return out
+
+    holder = nn.Sequential(Stateful())
+    model = get_peft_model(holder, sam_peft.SparseDiffConfig(sparsity=0.5, selection="random"))
+    layer = model.base_model.model[0]
+    assert isinstance(layer, SparseDiffLayer)
+    base = layer.get_base_layer()
+    layer.state = torch.full((3,), 5.0)  # as a model resets its layers' state
+    assert "state" not in layer.__dict__ and torch.equal(base.state, torch.full((3,), 5.0))
+    model(torch.zeros(3))
+    assert torch.equal(layer.state, base.state)
+    layer.module_key = layer.module_key  # the wrapper's own attributes stay its own
+    layer.extra = 1  # a new attribute belongs to the wrapper
+    assert "extra" in layer.__dict__ and not hasattr(base, "extra")
+    del layer.state
+    assert not hasattr(base, "state")
+    layer.new_buffer = None
+    layer.register_buffer("buf", torch.zeros(1))
+    layer.buf = torch.ones(1)  # a buffer of the wrapper stays the wrapper's
+    assert torch.equal(layer._buffers["buf"], torch.ones(1))
+    layer.scale = nn.Parameter(torch.full((3,), 2.0))  # a parameter of the wrapped module is replaced there
+    assert "scale" not in layer._parameters and torch.equal(base.scale, torch.full((3,), 2.0))
+
+
+def test_recurrent_gemma_batch_size_change():
+    """RecurrentGemma re-initialises `rg_lru.recurrent_states` from its parent block when the batch size changes; on
+    the wrapper only, the wrapped layer kept the old batch's state and the next call failed."""
+    torch.manual_seed(0)
+    base = tf.RecurrentGemmaForCausalLM(tf.RecurrentGemmaConfig(
+        vocab_size=V, hidden_size=D, intermediate_size=FF, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=1, lru_width=D, attention_window_size=8, pad_token_id=0)).eval()
+    reference = {}
+    with torch.no_grad():
+        for batch in (2, 3, 1):
+            ids = torch.randint(3, V, (batch, 6), generator=torch.Generator().manual_seed(batch))
+            reference[batch] = (ids, base(input_ids=ids).logits)
+    logging.disable(logging.WARNING)
+    try:
+        model = get_peft_model(base, sam_peft.SAMConfig(task_type="CAUSAL_LM", sparsity=0.05)).eval()
+    finally:
+        logging.disable(logging.NOTSET)
+    with torch.no_grad():
+        for ids, logits in reference.values():
+            torch.testing.assert_close(model(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-5)

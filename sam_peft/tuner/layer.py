@@ -61,6 +61,7 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         self._epoch = 0  # moves whenever entries, adapters or loaded tensors change: forward plans are rebuilt
         self.update_layer(adapter_name, config)
         self.register_load_state_dict_post_hook(_entries_changed)
+        self._writes_to_base = True  # from now on, see `__setattr__`
 
     @property
     def in_features(self) -> int | None:
@@ -82,6 +83,35 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
             if base is None or name.startswith("__"):
                 raise
             return getattr(base, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A write to an attribute of the wrapped module (one the wrapper does not hold itself) goes to the wrapped
+        module, where reads find it (`__getattr__`) and its forward uses it: models that set state on their
+        submodules at run time (RecurrentGemma's `rg_lru.recurrent_states`) keep working once these are wrapped."""
+        if self._owner_of(name) is not self:
+            setattr(self.__dict__["_modules"]["base_layer"], name, value)
+            return
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if self._owner_of(name) is not self:
+            delattr(self.__dict__["_modules"]["base_layer"], name)
+            return
+        super().__delattr__(name)
+
+    def _owner_of(self, name: str) -> nn.Module:
+        """The wrapped module if it holds attribute `name` and the wrapper does not (its own attributes, parameters,
+        buffers, submodules, and what its class defines, such as properties, stay its own); else the wrapper."""
+        own = self.__dict__
+        if not own.get("_writes_to_base", False) or name in own or hasattr(type(self), name):
+            return self
+        if any(name in own.get(kind, {}) for kind in ("_parameters", "_buffers", "_modules")):
+            return self
+        base = own["_modules"].get("base_layer")
+        if base is None or not (name in base.__dict__ or any(name in base.__dict__.get(kind, {})
+                                                             for kind in ("_parameters", "_buffers", "_modules"))):
+            return self
+        return base
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
