@@ -16,7 +16,7 @@ DEC = dict(vocab_size=V, hidden_size=D, intermediate_size=FF, num_hidden_layers=
 class Arch:
     name: str
     build: object  # () -> model
-    kind: str  # causal | seq_cls | seq2seq | image
+    kind: str  # causal | seq_cls | token_cls | qa | seq2seq | speech | image
     task_type: str | None
 
 
@@ -101,6 +101,11 @@ def inputs(arch: Arch, batch: int = 2, seq: int = 6, seed: int = 0) -> dict:
         return {"input_ids": ids, "labels": ids}
     if arch.kind == "seq_cls":
         return {"input_ids": ids, "labels": torch.tensor([0, 1])[:batch]}
+    if arch.kind == "token_cls":
+        return {"input_ids": ids, "labels": torch.randint(0, 2, (batch, seq), generator=g)}
+    if arch.kind == "qa":
+        return {"input_ids": ids, "start_positions": torch.tensor([1, 2])[:batch],
+                "end_positions": torch.tensor([3, 4])[:batch]}
     if arch.kind == "speech":
         return {"input_features": torch.randn(batch, 8, 32, generator=g), "labels": ids}
     return {"input_ids": ids, "labels": ids}  # seq2seq
@@ -108,5 +113,6 @@ def inputs(arch: Arch, batch: int = 2, seq: int = 6, seed: int = 0) -> dict:
 
 def output(model, batch: dict) -> torch.Tensor:
     out = model(**batch)
-    out = out.logits
-    return out
+    if getattr(out, "logits", None) is None:  # question answering
+        return torch.stack([out.start_logits, out.end_logits])
+    return out.logits

@@ -2,6 +2,7 @@
 that file on models that exercise a particular corner, and the rules behind each fix.
 
 - Longformer divides a projection's output in place: the custom autograd Functions never return a view.
+- TOKEN_CLS and QUESTION_ANS heads are trained densely (`modules_to_save`) by default, as SEQ_CLS heads are.
 - RecurrentGemma sets state on its (wrapped) layers at run time: writes reach the wrapped module.
 """
 
@@ -76,6 +77,38 @@ def test_not_a_view():
     assert torch.equal(alias.view(4, 6), base)
     fresh = base + 1
     assert not_a_view(fresh, base) is fresh
+
+
+# --------------------------------------------------------------------------- 2. task heads of TOKEN_CLS, QUESTION_ANS
+ENCODER = dict(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=4, intermediate_size=FF,
+               max_position_embeddings=70)
+HEADS = [
+    Arch("bert_token_cls", lambda: tf.BertForTokenClassification(tf.BertConfig(**ENCODER)), "token_cls",
+         "TOKEN_CLS"),
+    Arch("roberta_qa", lambda: tf.RobertaForQuestionAnswering(tf.RobertaConfig(pad_token_id=1, **ENCODER)), "qa",
+         "QUESTION_ANS"),
+]
+
+
+@pytest.mark.parametrize("arch", HEADS, ids=lambda a: a.name)
+def test_task_head_lifecycle(arch, tmp_path):
+    matrix.test_lifecycle(arch, tmp_path)
+
+
+@pytest.mark.parametrize(("arch", "head"), zip(HEADS, ["classifier", "qa_outputs"]),
+                         ids=lambda a: getattr(a, "name", a))
+def test_task_head_trained_densely(arch, head):
+    model = get_peft_model(arch.build(), sam_peft.SAMConfig(task_type=arch.task_type))
+    assert head in model.peft_config["default"].modules_to_save
+    wrapped = model.base_model.model.get_submodule(head)
+    assert not any(isinstance(m, SparseDiffLayer) for m in wrapped.modules())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and f"{head}.modules_to_save" in n]
+    assert trainable, "the head is not trained"
+
+
+def test_task_head_targeted_explicitly_is_refused():
+    with pytest.raises(sam_peft.ConfigError, match="qa_outputs"):
+        get_peft_model(HEADS[1].build(), sam_peft.SAMConfig(task_type="QUESTION_ANS", target_modules=["qa_outputs"]))
 
 
 # --------------------------------------------------------------------------- 4. writes reach the wrapped module

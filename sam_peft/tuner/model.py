@@ -209,7 +209,8 @@ def _check_no_overlap_with_modules_to_save(config: SparseDiffConfig, candidates:
         raise ConfigError(
             f"{both[:5]} matched both target_modules={targets_setting!r} and "
             f"modules_to_save={list(config.modules_to_save)!r} (peft matches modules_to_save by name suffix): a "
-            "module is either tuned sparsely or trained densely. Remove it from one of the two settings."
+            "module is either tuned sparsely or trained densely. Remove it from one of the two settings (task types "
+            "SEQ_CLS, TOKEN_CLS and QUESTION_ANS put their head in modules_to_save themselves)."
         )
 
 
