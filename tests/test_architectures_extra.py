@@ -3,6 +3,8 @@ that file on models that exercise a particular corner, and the rules behind each
 
 - Longformer divides a projection's output in place: the custom autograd Functions never return a view.
 - TOKEN_CLS and QUESTION_ANS heads are trained densely (`modules_to_save`) by default, as SEQ_CLS heads are.
+- BatchNorm's running statistics: the burn-in restores them, and such layers are trained densely (modules_to_save),
+  never tuned sparsely.
 - RecurrentGemma sets state on its (wrapped) layers at run time: writes reach the wrapped module.
 """
 
@@ -109,6 +111,51 @@ def test_task_head_trained_densely(arch, head):
 def test_task_head_targeted_explicitly_is_refused():
     with pytest.raises(sam_peft.ConfigError, match="qa_outputs"):
         get_peft_model(HEADS[1].build(), sam_peft.SAMConfig(task_type="QUESTION_ANS", target_modules=["qa_outputs"]))
+
+
+# --------------------------------------------------------------------------- 3. running statistics (BatchNorm)
+RESNET = Arch("resnet", lambda: tf.ResNetForImageClassification(tf.ResNetConfig(
+    num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)), "image", None)
+
+
+def test_batchnorm_lifecycle(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="sam_peft"):
+        matrix.test_lifecycle(RESNET, tmp_path)
+    assert "running statistics" in caplog.text and "resnet.embedder.embedder.normalization" in caplog.text
+
+
+def test_batchnorm_trained_densely():
+    model = get_peft_model(RESNET.build(), sam_peft.SAMConfig())
+    norms = [n for n, m in model.base_model.model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms
+    saved = model.peft_config["default"].modules_to_save
+    assert "resnet.embedder.embedder.normalization" in saved
+    assert not any(isinstance(m, SparseDiffLayer) and isinstance(m.get_base_layer(), nn.BatchNorm2d)
+                   for m in model.modules())
+
+
+def test_burn_in_restores_running_statistics():
+    """The burn-in runs in train mode (dropout on): BatchNorm layers, here left frozen, update their statistics,
+    which the selection then puts back."""
+    torch.manual_seed(0)
+    base = RESNET.build().eval()
+    batches = [matrix.inputs(RESNET, seed=s) for s in range(2)]
+    model = get_peft_model(base, sam_peft.SAMConfig(sparsity=0.05, exclude_modules=r".*normalization"))
+    model.eval()
+    before = {n: b.clone() for n, b in model.named_buffers() if "running" in n or "num_batches" in n}
+    assert len(before) == 3 * 8
+    with torch.no_grad():
+        reference = matrix.output(model, batches[0])
+    sam_peft.select_parameters(model, batches, progress=False)
+    after = dict(model.named_buffers())
+    assert all(torch.equal(after[n], b) for n, b in before.items()), "the burn-in moved running statistics"
+    with torch.no_grad():
+        assert torch.equal(matrix.output(model, batches[0]), reference)
+
+
+def test_batchnorm_targeted_explicitly_is_refused():
+    with pytest.raises(sam_peft.ConfigError, match="running statistics.*embedder.normalization"):
+        get_peft_model(RESNET.build(), sam_peft.SAMConfig(target_modules=r".*embedder\.normalization"))
 
 
 # --------------------------------------------------------------------------- 4. writes reach the wrapped module

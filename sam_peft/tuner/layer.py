@@ -33,6 +33,26 @@ def own_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in module._parameters.items() if p is not None}
 
 
+RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def keeps_running_statistics(module: nn.Module) -> bool:
+    """Whether a module keeps running statistics that a forward in train mode updates (BatchNorm, InstanceNorm with
+    `track_running_stats`, and any module with such buffers)."""
+    return any(module._buffers.get(name) is not None for name in RUNNING_STATISTICS)
+
+
+def running_statistics(model: nn.Module) -> list[torch.Tensor]:
+    """The running-statistics buffers of every module of `model` (see `keeps_running_statistics`), each once."""
+    found = {}
+    for module in model.modules():
+        for name in RUNNING_STATISTICS:
+            buffer = module._buffers.get(name)
+            if buffer is not None:
+                found[id(buffer)] = buffer
+    return list(found.values())
+
+
 class SparseDiffLayer(nn.Module, BaseTunerLayer):
     """A base module plus sparse deltas on its own parameters (generic path: dense composition).
 

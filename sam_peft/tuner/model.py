@@ -21,7 +21,7 @@ from ..storage.validation import check_dense_tensors, check_entries, index_dtype
 from .combine import Combination
 from .config import SparseDiffConfig
 from .install import add_combined, select_data_free, sync_trainable
-from .layer import SparseDiffLayer, own_parameters
+from .layer import SparseDiffLayer, keeps_running_statistics, own_parameters
 from .mixed import BASE, MixedBatch, refuse_unsupported_arguments
 from .peft_type import PREFIX
 from .quantized_layers import DenseWeights, check_supported, quantization_record
@@ -49,10 +49,37 @@ class SparseDiffModel(BaseTuner):
         self._candidates, self._shared = candidate_modules(model)
         self._output_heads = output_head_names(model)
         _check_patterns_match(peft_config, sorted(self._candidates))
+        self._save_running_statistics_densely(peft_config, model)
         _check_no_overlap_with_modules_to_save(peft_config, sorted(self._candidates))
         # quantized kernels without a dequantize path (GPTQ, AWQ, ...) are refused before anything is wrapped
         check_supported([(name, module) for name, module in model.named_modules()
                          if name and not isinstance(module, BaseTunerLayer) and self._targets(peft_config, name)])
+
+    def _save_running_statistics_densely(self, peft_config: SparseDiffConfig, model: nn.Module) -> None:
+        """Normalization layers with running statistics (BatchNorm) are not tuned sparsely: training in train mode
+        moves their running mean and variance, which a delta does not carry (the saved adapter would not give the
+        trained model back). By default they join `modules_to_save` (trained densely, statistics saved with them),
+        with a warning; naming them in `target_modules` is refused."""
+        found = []
+        for name in sorted(self._candidates):
+            module = model.get_submodule(name)
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if keeps_running_statistics(base) and self._targets(peft_config, name):
+                found.append(name)
+        if not found:
+            return
+        listed = found[:5] + ([f"... ({len(found)} in all)"] if len(found) > 5 else [])
+        if peft_config.target_modules is not None:
+            raise ConfigError(
+                f"target_modules matches normalization layers with running statistics: {listed}. Training in train "
+                "mode updates their running mean and variance, which a sparse delta does not carry. Leave them out "
+                "(exclude_modules), or train them densely by naming them in modules_to_save."
+            )
+        logger.warning(
+            "%d normalization layers keep running statistics (BatchNorm), which training updates outside a sparse "
+            "delta: they are trained densely and saved whole (added to modules_to_save) instead of tuned "
+            "sparsely: %s. Name them in exclude_modules to freeze them.", len(found), listed)
+        peft_config.modules_to_save = [*(peft_config.modules_to_save or ()), *found]
 
     def _check_target_module_exists(self, peft_config: SparseDiffConfig, key: str):
         if key not in self._candidates:
