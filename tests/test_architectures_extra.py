@@ -6,6 +6,8 @@ that file on models that exercise a particular corner, and the rules behind each
 - BatchNorm's running statistics: the burn-in restores them, and such layers are trained densely (modules_to_save),
   never tuned sparsely.
 - RecurrentGemma sets state on its (wrapped) layers at run time: writes reach the wrapped module.
+- Parameters no targetable module owns alone (XLNet's relative attention, Mamba's `A_log`, CLIP's `logit_scale`)
+  stay frozen, and one warning lists them.
 """
 
 from __future__ import annotations
@@ -213,3 +215,37 @@ def test_recurrent_gemma_batch_size_change():
     with torch.no_grad():
         for ids, logits in reference.values():
             torch.testing.assert_close(model(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- 5. frozen parameters are named
+def _frozen_warning(model, caplog) -> str:
+    with caplog.at_level(logging.WARNING, logger="sam_peft"):
+        get_peft_model(model, sam_peft.SAMConfig())
+    found = [r.getMessage() for r in caplog.records if "stay frozen" in r.getMessage()]
+    assert len(found) == 1, "one warning lists them all"
+    return found[0]
+
+
+def test_warning_names_parameters_owned_by_containers(caplog):
+    torch.manual_seed(0)
+    model = tf.XLNetLMHeadModel(tf.XLNetConfig(vocab_size=V, d_model=D, n_layer=L, n_head=4, d_inner=FF))
+    message = _frozen_warning(model, caplog)
+    for name in ("transformer.layer.0.rel_attn.r_w_bias", "transformer.layer.1.rel_attn.q", "transformer.mask_emb"):
+        assert f"'{name}'" in message
+
+
+def test_warning_names_parameters_owned_by_the_model(caplog):
+    torch.manual_seed(0)
+    model = tf.CLIPModel(tf.CLIPConfig(
+        text_config=dict(vocab_size=V, hidden_size=D, intermediate_size=FF, num_hidden_layers=1,
+                         num_attention_heads=4, max_position_embeddings=16),
+        vision_config=dict(hidden_size=D, intermediate_size=FF, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=16, patch_size=8), projection_dim=16))
+    message = _frozen_warning(model, caplog)
+    assert "'logit_scale'" in message and "'vision_model.embeddings.class_embedding'" in message
+
+
+def test_no_warning_when_everything_is_tunable(caplog):
+    with caplog.at_level(logging.WARNING, logger="sam_peft"):
+        get_peft_model(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), sam_peft.SAMConfig())
+    assert "stay frozen" not in caplog.text

@@ -285,13 +285,15 @@ def candidate_modules(model: nn.Module) -> tuple[set[str], set[int]]:
     a warning names it. A module that owns parameters and also has children with parameters is skipped with
     a warning (its children are targeted instead), except nn.MultiheadAttention: its kernel reads its children's
     weights directly (a delta on `out_proj` would never reach the output), so it is one unit whose own in-projection
-    parameters are tuned and whose children are not.
+    parameters are tuned and whose children are not. The parameters such modules own, and those the model itself
+    owns (CLIP's `logit_scale`), stay frozen: one warning lists them (XLNet's `r_w_bias`, Mamba's `A_log` and `D`).
     """
     aux_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper))
     tuner_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, BaseTunerLayer))
     owners: dict[int, list[str]] = {}
     modules = []
     fused = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention))
+    root = [f"{n}" for n, p in own_parameters(model).items()]
     for name, module in model.named_modules(remove_duplicate=False):
         if not name or name.startswith(aux_prefixes) or name.startswith(tuner_prefixes) or name.startswith(fused):
             continue
@@ -319,8 +321,15 @@ def candidate_modules(model: nn.Module) -> tuple[set[str], set[int]]:
             continue
         if any(id(p) not in shared for p in params.values()):
             names.add(name)
-    if skipped:
-        logger.warning("Own parameters of these container modules are not tuned: %s", skipped)
+    frozen = [f"{name}.{pname}" for name in skipped
+              for pname, p in own_parameters(model.get_submodule(name)).items() if id(p) not in shared]
+    frozen += [n for n in root if id(model._parameters[n]) not in shared]
+    if frozen:
+        logger.warning(
+            "%d parameters are not tuned and stay frozen: their module also holds submodules with parameters (whose "
+            "own parameters are tuned instead), or the model itself owns them: %s. To train one, name its module in "
+            "modules_to_save (trained densely).", len(frozen), frozen[:20] + ([f"... ({len(frozen)} in all)"]
+                                                                             if len(frozen) > 20 else []))
     return names, shared
 
 
