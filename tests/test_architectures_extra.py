@@ -6,6 +6,7 @@ that file on models that exercise a particular corner, and the rules behind each
 - BatchNorm's running statistics: the burn-in restores them, and such layers are trained densely (modules_to_save),
   never tuned sparsely.
 - RecurrentGemma sets state on its (wrapped) layers at run time: writes reach the wrapped module.
+- ProphetNet calls a method of a wrapped layer (`position_embeddings._forward`): it runs with the delta too.
 - Parameters no targetable module owns alone (XLNet's relative attention, Mamba's `A_log`, CLIP's `logit_scale`)
   stay frozen, and one warning lists them.
 """
@@ -215,6 +216,46 @@ def test_recurrent_gemma_batch_size_change():
     with torch.no_grad():
         for ids, logits in reference.values():
             torch.testing.assert_close(model(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- methods of the wrapped module
+def test_prophetnet_lifecycle(tmp_path):
+    """ProphetNet's decoder reads its position embeddings through `forward` and through `_forward`; with `_forward`
+    on θ0 the merged model gave other numbers than the adapted one."""
+    arch = Arch("prophetnet", lambda: tf.ProphetNetForConditionalGeneration(tf.ProphetNetConfig(
+        vocab_size=V, hidden_size=D, encoder_ffn_dim=FF, decoder_ffn_dim=FF, num_encoder_layers=L,
+        num_decoder_layers=L, num_encoder_attention_heads=4, num_decoder_attention_heads=4, max_position_embeddings=64,
+        ngram=2)), "seq2seq", "SEQ_2_SEQ_LM")
+    matrix.test_lifecycle(arch, tmp_path)
+
+
+def test_methods_of_the_wrapped_module_see_the_delta():
+    class Shifted(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids + 1)
+
+        def unshifted(self, ids):
+            return super().forward(ids)
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = Shifted(10, 4)
+
+        def forward(self, ids):
+            return self.embed(ids) + self.embed.unshifted(ids)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Holder(), sam_peft.SparseDiffConfig(sparsity=0.5, selection="random", init_weights=False))
+    layer = model.base_model.model.embed
+    ids = torch.tensor([[0, 3, 5]])
+    out = model(ids)
+    out.sum().backward()
+    weight = layer.get_base_layer().weight.detach() + layer.get_delta_weight("default")
+    torch.testing.assert_close(out, weight[ids + 1] + weight[ids])
+    assert layer.unshifted.__name__ == "unshifted"
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(merged(ids), out.detach())
 
 
 # --------------------------------------------------------------------------- 5. frozen parameters are named

@@ -8,6 +8,8 @@ with the delta written in for the duration of each kernel.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -18,6 +20,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
 
 from ..ranking.budget import placeholder_count
 from ..ranking.signals import SIGNALS
@@ -95,14 +98,34 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
 
     def __getattr__(self, name: str) -> Any:
         """Attributes the wrapper lacks are read from the wrapped module (`stride`, `padding`, `padding_idx`,
-        `num_embeddings`, ...), as code that holds the module expects."""
+        `num_embeddings`, ...), as code that holds the module expects. A method the wrapped module's own class
+        defines (not one of torch's) runs with the active deltas in its parameters, as `forward` does: ProphetNet
+        calls `position_embeddings._forward(...)` beside `position_embeddings(...)`."""
         try:
             return super().__getattr__(name)
         except AttributeError:
             base = self.__dict__.get("_modules", {}).get("base_layer")
             if base is None or name.startswith("__"):
                 raise
-            return getattr(base, name)
+            value = getattr(base, name)
+            if inspect.ismethod(value) and value.__self__ is base and not _defined_by_torch(type(base), name):
+                return functools.wraps(value)(functools.partial(self._call_with_deltas, value))
+            return value
+
+    def _call_with_deltas(self, method: Callable, *args: Any, **kwargs: Any) -> Any:
+        """`method` of the wrapped module, run with θ0 + Δ of the active adapters in its tuned parameters."""
+        adapters = [] if self.merged or self.disable_adapters else self._active_with_entries()
+        if not adapters:
+            return method(*args, **kwargs)
+        base = self.get_base_layer()
+        if torch.compiler.is_compiling():
+            params = {name: self._composed(adapters, name, p) for name, p in self.tuned_parameters().items()}
+            with _reparametrize_module(base, params):
+                return method(*args, **kwargs)
+        with self._lock:  # the parameters are swapped for the call: read and swap as one
+            params = {name: self._composed(adapters, name, p) for name, p in self.tuned_parameters().items()}
+            with _reparametrize_module(base, params):
+                return method(*args, **kwargs)
 
     def __setattr__(self, name: str, value: Any) -> None:
         """A write to an attribute of the wrapped module (one the wrapper does not hold itself) goes to the wrapped
@@ -410,6 +433,13 @@ def _features(module: nn.Module) -> tuple[int | None, int | None]:
         if hasattr(module, first) and hasattr(module, second):
             return getattr(module, first), getattr(module, second)
     return None, None
+
+
+def _defined_by_torch(cls: type, name: str) -> bool:
+    """Whether the class in `cls`'s MRO that defines attribute `name` is one of torch's (`nn.Module`'s methods,
+    `nn.Embedding.reset_parameters`, ...): those run on the wrapped module as they are."""
+    owner = next((klass for klass in cls.__mro__ if name in vars(klass)), None)
+    return owner is None or owner.__module__.split(".")[0] == "torch"
 
 
 def _entries_changed(module: SparseDiffLayer, incompatible_keys: Any) -> None:
