@@ -7,6 +7,7 @@ that file on models that exercise a particular corner, and the rules behind each
   never tuned sparsely.
 - RecurrentGemma sets state on its (wrapped) layers at run time: writes reach the wrapped module.
 - ProphetNet calls a method of a wrapped layer (`position_embeddings._forward`): it runs with the delta too.
+- RecurrentGemma's decoding reads its conv's weight directly: on the generic path the read gives θ0 + Δ.
 - Parameters no targetable module owns alone (XLNet's relative attention, Mamba's `A_log`, CLIP's `logit_scale`)
   stay frozen, and one warning lists them.
 """
@@ -256,6 +257,62 @@ def test_methods_of_the_wrapped_module_see_the_delta():
     assert layer.unshifted.__name__ == "unshifted"
     merged = model.merge_and_unload()
     torch.testing.assert_close(merged(ids), out.detach())
+
+
+def test_direct_reads_of_a_generic_layer_see_the_delta():
+    class Reader(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(4, 4, 3, groups=4, padding=2)
+
+        def forward(self, x):  # x: (batch, 4, length); the last step as a decoding step computes it
+            return (x[:, :, -3:] * self.conv.weight[:, 0, :]).sum(-1) + self.conv.bias
+
+    torch.manual_seed(0)
+    model = get_peft_model(Reader(), sam_peft.SparseDiffConfig(sparsity=0.5, selection="random", init_weights=False))
+    layer = model.base_model.model.conv
+    x = torch.randn(2, 4, 5)
+    out = model(x)
+    out.sum().backward()
+    assert layer.sparsediff_values["default"]["weight"].grad.abs().sum() > 0
+    with torch.no_grad(), model.disable_adapter():
+        assert torch.equal(layer.weight, layer.get_base_layer().weight)
+    assert not torch.equal(layer.weight, layer.get_base_layer().weight)
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(merged(x), out.detach())
+    replacement = nn.Parameter(torch.zeros(4, 1, 3))
+    fresh = get_peft_model(Reader(), sam_peft.SparseDiffConfig(sparsity=0.5, selection="random"))
+    fresh.base_model.model.conv.weight = replacement  # a write of `weight` goes to the wrapped module
+    assert fresh.base_model.model.conv.get_base_layer().weight is replacement
+
+
+def test_recurrent_gemma_decoding_matches_merged():
+    """RecurrentGemma's decoding step multiplies by `conv_1d.weight` directly: with θ0 there, generation by the
+    adapted model and by the merged one differed after the first token."""
+    torch.manual_seed(0)
+    arch = Arch("recurrent_gemma", lambda: tf.RecurrentGemmaForCausalLM(tf.RecurrentGemmaConfig(
+        vocab_size=V, hidden_size=D, intermediate_size=FF, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=1, lru_width=D, attention_window_size=8, pad_token_id=0)), "causal", "CAUSAL_LM")
+    batches = [matrix.inputs(arch, seed=s) for s in range(2)]
+    logging.disable(logging.WARNING)
+    try:
+        model = get_peft_model(arch.build().eval(), sam_peft.SAMConfig(task_type="CAUSAL_LM", sparsity=0.2))
+    finally:
+        logging.disable(logging.NOTSET)
+    model.train()
+    model.base_model.model.eval()
+    sam_peft.select_parameters(model, batches, progress=False)
+    matrix._train(model, batches, steps=4)
+
+    def scores(m):
+        with torch.no_grad():
+            return m.generate(input_ids=batches[0]["input_ids"], max_new_tokens=3, do_sample=False,
+                              output_scores=True, return_dict_in_generate=True).scores
+
+    adapted = scores(model)
+    merged = scores(model.merge_and_unload().eval())
+    for a, b in zip(adapted, merged):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- 5. frozen parameters are named

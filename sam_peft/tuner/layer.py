@@ -64,6 +64,10 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ("sparsediff_values",)
     other_param_names = ("sparsediff_indices",)
+    # A tuned parameter read through the wrapper (`layer.weight`, as RecurrentGemma's and Mamba's decoding read their
+    # depthwise conv's weight) is θ0 + Δ of the active adapters: the generic path composes it for each call anyway.
+    # Layers with a fast path (a large weight with the delta written in for each kernel) give θ0 (see `_read`).
+    _reads_compose = True
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, config, module_key: str, skip: frozenset[str] = frozenset()
@@ -107,10 +111,34 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
             base = self.__dict__.get("_modules", {}).get("base_layer")
             if base is None or name.startswith("__"):
                 raise
+            if name in base._parameters:
+                return self._read(name)
             value = getattr(base, name)
             if inspect.ismethod(value) and value.__self__ is base and not _defined_by_torch(type(base), name):
                 return functools.wraps(value)(functools.partial(self._call_with_deltas, value))
             return value
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped module's weight as its forward sees it (see `_read`)."""
+        base = self.get_base_layer()
+        return base.qweight if hasattr(base, "qweight") else self._read("weight")
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The wrapped module's bias as its forward sees it (see `_read`)."""
+        return self._read("bias")
+
+    def _read(self, name: str) -> Any:
+        """Parameter `name` of the wrapped module, read through the wrapper: on the generic path θ0 + Δ of the active
+        adapters (a new tensor, differentiable in the values) where it carries a delta, so code that reads it
+        directly computes what the forward computes, and what merging gives. Layers with a fast path, and
+        parameters that are not plain (sharded, quantized), give the parameter itself."""
+        value = getattr(self.get_base_layer(), name)
+        if not self._reads_compose or type(value) is not nn.Parameter or name not in self.tuned_parameters():
+            return value
+        adapters = [] if self.merged or self.disable_adapters else self._active_with_entries()
+        return self._composed(adapters, name, value) if adapters else value
 
     def _call_with_deltas(self, method: Callable, *args: Any, **kwargs: Any) -> Any:
         """`method` of the wrapped module, run with θ0 + Δ of the active adapters in its tuned parameters."""
@@ -144,9 +172,12 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
 
     def _owner_of(self, name: str) -> nn.Module:
         """The wrapped module if it holds attribute `name` and the wrapper does not (its own attributes, parameters,
-        buffers, submodules, and what its class defines, such as properties, stay its own); else the wrapper."""
+        buffers, submodules, and what its class defines, such as properties with a setter, stay its own); else the
+        wrapper."""
         own = self.__dict__
-        if not own.get("_writes_to_base", False) or name in own or hasattr(type(self), name):
+        declared = getattr(type(self), name, None)
+        read_only = isinstance(declared, property) and declared.fset is None  # `weight`, `bias`: the base's
+        if not own.get("_writes_to_base", False) or name in own or (declared is not None and not read_only):
             return self
         if any(name in own.get(kind, {}) for kind in ("_parameters", "_buffers", "_modules")):
             return self
