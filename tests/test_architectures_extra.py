@@ -1,7 +1,8 @@
 """Architectures and configurations outside the matrix of tests/test_architectures.py (issue 22): the lifecycle of
 that file on models that exercise a particular corner, and the rules behind each fix.
 
-- Longformer divides a projection's output in place: the custom autograd Functions never return a view.
+- Longformer divides a projection's output in place: the custom autograd Functions (float and quantized) never
+  return a view.
 - TOKEN_CLS and QUESTION_ANS heads are trained densely (`modules_to_save`) by default, as SEQ_CLS heads are.
 - BatchNorm's running statistics: the burn-in restores them, and such layers are trained densely (modules_to_save),
   never tuned sparsely.
@@ -347,3 +348,23 @@ def test_no_warning_when_everything_is_tunable(caplog):
     with caplog.at_level(logging.WARNING, logger="sam_peft"):
         get_peft_model(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), sam_peft.SAMConfig())
     assert "stay frozen" not in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["torchao_int8", "nf4"])
+def test_in_place_ops_on_quantized_layer_outputs(kind, tmp_path):
+    """The quantized layers' Function returns no view either (a model changing a projection's output in place)."""
+    quantized_models = pytest.importorskip("quantized_models")
+    quantized_models.save_float_llama(tmp_path)
+    base = quantized_models.load_quantized(tmp_path, kind)
+    model = get_peft_model(base, sam_peft.SparseDiffConfig(task_type="CAUSAL_LM", sparsity=0.05, selection="random",
+                                                          init_weights=False))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == "QuantizedLinear"
+
+    def halve(module, args, out):
+        out.mul_(0.5)  # in place, returns nothing
+
+    layer.register_forward_hook(halve)
+    model.train()
+    model(**quantized_models.batches(1)[0]).loss.backward()
+    assert layer.sparsediff_values["default"]["weight"].grad is not None
