@@ -68,6 +68,7 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
     # depthwise conv's weight) is θ0 + Δ of the active adapters: the generic path composes it for each call anyway.
     # Layers with a fast path (a large weight with the delta written in for each kernel) give θ0 (see `_read`).
     _reads_compose = True
+    _methods_compose = True  # see `__getattr__`
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, config, module_key: str, skip: frozenset[str] = frozenset()
@@ -114,7 +115,8 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
             if name in base._parameters:
                 return self._read(name)
             value = getattr(base, name)
-            if inspect.ismethod(value) and value.__self__ is base and not _defined_by_torch(type(base), name):
+            if self._methods_compose and inspect.ismethod(value) and value.__self__ is base \
+                    and not _defined_by_torch(type(base), name):
                 return functools.wraps(value)(functools.partial(self._call_with_deltas, value))
             return value
 

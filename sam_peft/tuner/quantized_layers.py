@@ -316,7 +316,8 @@ def fold_weight_gradient(go2: torch.Tensor, x2: torch.Tensor, fold_rows: Callabl
 class QuantizedLinear(SparseDiffLayer):
     """A quantized Linear (see `KINDS`) with sparse deltas on its logical weight (and its bias, if any)."""
 
-    _reads_compose = False  # the weight is stored quantized
+    _reads_compose = False  # the weight is stored quantized: no θ0 + Δ is composed for reads or methods
+    _methods_compose = False
 
     # (anchor, sink) while a burn-in runs; sink None: the layer runs the burn-in kernel but keeps no statistics
     _gradient_sink: tuple[torch.Tensor, Callable | None] | None = None
