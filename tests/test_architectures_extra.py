@@ -9,6 +9,7 @@ that file on models that exercise a particular corner, and the rules behind each
 - RecurrentGemma sets state on its (wrapped) layers at run time: writes reach the wrapped module.
 - ProphetNet calls a method of a wrapped layer (`position_embeddings._forward`): it runs with the delta too.
 - RecurrentGemma's decoding reads its conv's weight directly: on the generic path the read gives θ0 + Δ.
+- A bf16 GPT-2 with non-zero biases: transformers' Conv1D rounds once (`addmm`), and so does its wrapper.
 - Parameters no targetable module owns alone (XLNet's relative attention, Mamba's `A_log`, CLIP's `logit_scale`)
   stay frozen, and one warning lists them.
 """
@@ -314,6 +315,26 @@ def test_recurrent_gemma_decoding_matches_merged():
     merged = scores(model.merge_and_unload().eval())
     for a, b in zip(adapted, merged):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- bf16 bases
+@pytest.mark.parametrize("name", ["gpt2", "opt", "bert", "t5"])
+def test_bf16_base_with_biases_lifecycle(name, tmp_path, monkeypatch):
+    """The lifecycle on a bf16 copy of a matrix model whose biases are not zero (a trained checkpoint's are not):
+    Conv1D computed x W + b in two roundings where transformers' Conv1D uses one `addmm`, so wrapping a bf16 GPT-2
+    changed its output by one bf16 ulp."""
+    arch = next(a for a in matrix.ARCHS if a.name == name)
+
+    def build():
+        model = arch.build()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("bias"):
+                    p.normal_(0, 0.1)
+        return model.to(torch.bfloat16)
+
+    monkeypatch.setattr(matrix, "_base", lambda _: (torch.manual_seed(0), build().eval())[1])
+    matrix.test_lifecycle(arch, tmp_path)
 
 
 # --------------------------------------------------------------------------- 5. frozen parameters are named

@@ -145,11 +145,14 @@ def _touched(position: torch.Tensor, size: int) -> tuple[torch.Tensor | None, to
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-    """x Wᵀ + b for an nn.Linear weight (out × in), or x W + b for a Conv1D weight (in × out)."""
+    """x Wᵀ + b for an nn.Linear weight (out × in), or x W + b for a Conv1D weight (in × out), each computed as the
+    module's own forward computes it (`F.linear`; `torch.addmm` for Conv1D, which rounds once where x W then + b
+    rounds twice: in bf16 the two differ), so the wrapped model gives the base model's numbers bit for bit."""
     if not transposed:
         return F.linear(x, weight, bias)
-    out = x @ weight
-    return out if bias is None else out + bias
+    if bias is None:
+        return x @ weight
+    return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[-1])
 
 
 @dataclass(frozen=True, eq=False)
