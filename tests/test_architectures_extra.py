@@ -177,7 +177,10 @@ def test_setattr_reaches_the_wrapped_module():
             self.state = out.detach()
             return out
 
-    holder = nn.Sequential(Stateful())
+    class WithDefault(Stateful):
+        cache = None  # a class-level default, set on the instance at run time
+
+    holder = nn.Sequential(WithDefault())
     model = get_peft_model(holder, sam_peft.SparseDiffConfig(sparsity=0.5, selection="random"))
     layer = model.base_model.model[0]
     assert isinstance(layer, SparseDiffLayer)
@@ -186,6 +189,8 @@ def test_setattr_reaches_the_wrapped_module():
     assert "state" not in layer.__dict__ and torch.equal(base.state, torch.full((3,), 5.0))
     model(torch.zeros(3))
     assert torch.equal(layer.state, base.state)
+    layer.cache = 3
+    assert "cache" not in layer.__dict__ and base.cache == 3
     layer.module_key = layer.module_key  # the wrapper's own attributes stay its own
     layer.extra = 1  # a new attribute belongs to the wrapper
     assert "extra" in layer.__dict__ and not hasattr(base, "extra")

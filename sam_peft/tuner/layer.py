@@ -184,10 +184,16 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         if any(name in own.get(kind, {}) for kind in ("_parameters", "_buffers", "_modules")):
             return self
         base = own["_modules"].get("base_layer")
-        if base is None or not (name in base.__dict__ or any(name in base.__dict__.get(kind, {})
-                                                             for kind in ("_parameters", "_buffers", "_modules"))):
+        if base is None:
             return self
-        return base
+        if name in base.__dict__ or any(name in base.__dict__.get(kind, {})
+                                        for kind in ("_parameters", "_buffers", "_modules")):
+            return base
+        # a class-level default (often None) or a property of the model's own class
+        if any(name in vars(klass) for klass in type(base).__mro__) and not _defined_by_torch(type(base), name) \
+                and not callable(getattr(type(base), name)):
+            return base
+        return self
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

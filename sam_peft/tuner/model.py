@@ -293,7 +293,7 @@ def candidate_modules(model: nn.Module) -> tuple[set[str], set[int]]:
     owners: dict[int, list[str]] = {}
     modules = []
     fused = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention))
-    root = [f"{n}" for n, p in own_parameters(model).items()]
+    root = list(own_parameters(model))  # the model's own parameters: no module to wrap them
     for name, module in model.named_modules(remove_duplicate=False):
         if not name or name.startswith(aux_prefixes) or name.startswith(tuner_prefixes) or name.startswith(fused):
             continue
