@@ -1,4 +1,4 @@
-"""Tiny random-init models of 25 architectures peft users fine-tune, built from transformers configs (no hub), with
+"""Tiny random-init models of 39 architectures peft users fine-tune, built from transformers configs (no hub), with
 a batch each and a way to read the logits."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ DEC = dict(vocab_size=V, hidden_size=D, intermediate_size=FF, num_hidden_layers=
 class Arch:
     name: str
     build: object  # () -> model
-    kind: str  # causal | seq_cls | seq2seq | image
+    kind: str  # causal | seq_cls | token_cls | qa | seq2seq | speech | image
     task_type: str | None
 
 
@@ -51,6 +51,20 @@ def archs() -> list[Arch]:
         Arch("qwen3_moe", lambda: tf.Qwen3MoeForCausalLM(_cfg(
             tf.Qwen3MoeConfig, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
             decoder_sparse_step=1, **DEC)), "causal", "CAUSAL_LM"),
+        Arch("qwen2_moe", lambda: tf.Qwen2MoeForCausalLM(_cfg(
+            tf.Qwen2MoeConfig, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+            shared_expert_intermediate_size=16, **DEC)), "causal", "CAUSAL_LM"),
+        Arch("olmoe", lambda: tf.OlmoeForCausalLM(_cfg(tf.OlmoeConfig, num_experts=4, num_experts_per_tok=2, **DEC)),
+             "causal", "CAUSAL_LM"),
+        Arch("stablelm", lambda: tf.StableLmForCausalLM(_cfg(tf.StableLmConfig, **DEC)), "causal", "CAUSAL_LM"),
+        Arch("phi", lambda: tf.PhiForCausalLM(_cfg(tf.PhiConfig, **DEC)), "causal", "CAUSAL_LM"),
+        Arch("bloom", lambda: tf.BloomForCausalLM(tf.BloomConfig(vocab_size=V, hidden_size=D, n_layer=L, n_head=4)),
+             "causal", "CAUSAL_LM"),
+        Arch("gptj", lambda: tf.GPTJForCausalLM(tf.GPTJConfig(vocab_size=V, n_embd=D, n_layer=L, n_head=4,
+                                                              n_positions=64, rotary_dim=4)), "causal", "CAUSAL_LM"),
+        Arch("codegen", lambda: tf.CodeGenForCausalLM(tf.CodeGenConfig(
+            vocab_size=V, n_embd=D, n_layer=L, n_head=4, n_positions=64, n_ctx=64, rotary_dim=4)), "causal",
+            "CAUSAL_LM"),
         Arch("bert", lambda: tf.BertForSequenceClassification(tf.BertConfig(
             vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=4, intermediate_size=FF,
             max_position_embeddings=64)), "seq_cls", "SEQ_CLS"),
@@ -70,6 +84,15 @@ def archs() -> list[Arch]:
             vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=4, intermediate_size=FF,
             max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
             sep_token_id=2)), "seq_cls", "SEQ_CLS"),
+        Arch("xlm_roberta", lambda: tf.XLMRobertaForSequenceClassification(tf.XLMRobertaConfig(
+            vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=4, intermediate_size=FF,
+            max_position_embeddings=70, pad_token_id=1)), "seq_cls", "SEQ_CLS"),
+        Arch("albert", lambda: tf.AlbertForSequenceClassification(tf.AlbertConfig(
+            vocab_size=V, embedding_size=16, hidden_size=D, num_hidden_layers=L, num_attention_heads=4,
+            intermediate_size=FF, max_position_embeddings=64)), "seq_cls", "SEQ_CLS"),
+        Arch("mpnet", lambda: tf.MPNetForSequenceClassification(tf.MPNetConfig(
+            vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=4, intermediate_size=FF,
+            max_position_embeddings=70, pad_token_id=1)), "seq_cls", "SEQ_CLS"),
         Arch("t5", lambda: tf.T5ForConditionalGeneration(tf.T5Config(
             vocab_size=V, d_model=D, d_kv=8, d_ff=FF, num_layers=L, num_heads=4, decoder_start_token_id=0)),
             "seq2seq", "SEQ_2_SEQ_LM"),
@@ -77,6 +100,14 @@ def archs() -> list[Arch]:
             vocab_size=V, d_model=D, encoder_layers=L, decoder_layers=L, encoder_attention_heads=4,
             decoder_attention_heads=4, encoder_ffn_dim=FF, decoder_ffn_dim=FF, max_position_embeddings=64)),
             "seq2seq", "SEQ_2_SEQ_LM"),
+        Arch("mbart", lambda: tf.MBartForConditionalGeneration(tf.MBartConfig(
+            vocab_size=V, d_model=D, encoder_layers=L, decoder_layers=L, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=FF, decoder_ffn_dim=FF, max_position_embeddings=64)),
+            "seq2seq", "SEQ_2_SEQ_LM"),
+        Arch("marian", lambda: tf.MarianMTModel(tf.MarianConfig(
+            vocab_size=V, d_model=D, encoder_layers=L, decoder_layers=L, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=FF, decoder_ffn_dim=FF, max_position_embeddings=64,
+            pad_token_id=0, decoder_start_token_id=0)), "seq2seq", "SEQ_2_SEQ_LM"),
         Arch("whisper", lambda: tf.WhisperForConditionalGeneration(tf.WhisperConfig(
             vocab_size=V, d_model=D, encoder_layers=L, decoder_layers=L, encoder_attention_heads=4,
             decoder_attention_heads=4, encoder_ffn_dim=FF, decoder_ffn_dim=FF, num_mel_bins=8,
@@ -88,6 +119,11 @@ def archs() -> list[Arch]:
         Arch("convnext", lambda: tf.ConvNextForImageClassification(tf.ConvNextConfig(
             num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], image_size=16, num_labels=3)),
             "image", None),
+        Arch("swin", lambda: tf.SwinForImageClassification(tf.SwinConfig(
+            image_size=16, patch_size=2, num_channels=3, embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=4,
+            num_labels=3)), "image", None),
+        Arch("resnet", lambda: tf.ResNetForImageClassification(tf.ResNetConfig(  # BatchNorm: trained densely
+            num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)), "image", None),
     ]
     return out
 
@@ -101,6 +137,11 @@ def inputs(arch: Arch, batch: int = 2, seq: int = 6, seed: int = 0) -> dict:
         return {"input_ids": ids, "labels": ids}
     if arch.kind == "seq_cls":
         return {"input_ids": ids, "labels": torch.tensor([0, 1])[:batch]}
+    if arch.kind == "token_cls":
+        return {"input_ids": ids, "labels": torch.randint(0, 2, (batch, seq), generator=g)}
+    if arch.kind == "qa":
+        return {"input_ids": ids, "start_positions": torch.tensor([1, 2])[:batch],
+                "end_positions": torch.tensor([3, 4])[:batch]}
     if arch.kind == "speech":
         return {"input_features": torch.randn(batch, 8, 32, generator=g), "labels": ids}
     return {"input_ids": ids, "labels": ids}  # seq2seq
@@ -108,5 +149,6 @@ def inputs(arch: Arch, batch: int = 2, seq: int = 6, seed: int = 0) -> dict:
 
 def output(model, batch: dict) -> torch.Tensor:
     out = model(**batch)
-    out = out.logits
-    return out
+    if getattr(out, "logits", None) is None:  # question answering
+        return torch.stack([out.start_logits, out.end_logits])
+    return out.logits

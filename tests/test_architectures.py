@@ -1,4 +1,4 @@
-"""One lifecycle across 25 architectures (tests/architectures.py), each with the default `SAMConfig` of its task type:
+"""One lifecycle across 39 architectures (tests/architectures.py), each with the default `SAMConfig` of its task type:
 wrapping is bit-identical, selection keeps every module's train/eval flag, a few training steps (one under bf16
 autocast) move only the selected entries, save → reload on a fresh base, merge_and_unload and generate give the
 adapted model's outputs, and gradient checkpointing trains where the model supports it."""

@@ -20,7 +20,7 @@ from ..ranking.budget import budget
 from ..ranking.signals import SIGNALS
 from ..ranking.topk import RunningTop, radix_select, top_entries
 from ..tuner.install import install, select_data_free
-from ..tuner.layer import SparseDiffLayer
+from ..tuner.layer import SparseDiffLayer, running_statistics
 from ..tuner.targets import Target, resolve_adapter, targets, tuner_of
 from .batches import batches, burn_in_loss, examples, move
 from .options import BurnInOptions
@@ -340,8 +340,11 @@ def _checked_steps(steps: int, num_steps: int | None, total: int | None) -> int:
 @contextlib.contextmanager
 def _burn_in_mode(peft_model: nn.Module, found: list[Target], dropout: bool):
     """Base weights require grad, everything else does not, adapters off; all restored afterwards, every module's
-    train/eval flag included (a base put in eval mode keeps its dropouts off)."""
+    train/eval flag included (a base put in eval mode keeps its dropouts off), and the running statistics of
+    normalization layers (BatchNorm's running mean and variance, which forwards in train mode update): the
+    selection leaves the model as it was."""
     flags = [(p, p.requires_grad) for p in peft_model.parameters()]
+    statistics = [(buffer, buffer.detach().clone()) for buffer in running_statistics(peft_model)]
     layers = {id(t.layer): t.layer for t in found}.values()
     disabled = [(layer, layer._disable_adapters) for layer in layers]
     modes = [(module, module.training) for module in peft_model.modules()]
@@ -366,6 +369,9 @@ def _burn_in_mode(peft_model: nn.Module, found: list[Target], dropout: bool):
             layer._disable_adapters = flag
         for module, training in modes:
             module.training = training
+        with torch.no_grad():
+            for buffer, saved in statistics:
+                buffer.copy_(saved)
 
 
 # ------------------------------------------------------------------------------------------- 3. choosing

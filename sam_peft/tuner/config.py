@@ -28,6 +28,11 @@ from .peft_type import PEFT_TYPE
 logger = logging.getLogger(__name__)
 
 
+# The task heads peft trains densely (`modules_to_save`) for these task types. peft adds SEQ_CLS's before the adapter
+# is injected, but these only after: the config names them from the start, so default targets leave them out.
+TASK_HEADS = {"TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
 @dataclass
 class SparseDiffConfig(PeftConfig):
     """Configuration of a sparse fine-tuning adapter: a sparse delta (indices + values) per targeted tensor.
@@ -49,7 +54,8 @@ class SparseDiffConfig(PeftConfig):
             directly; name them here to tune them anyway.
         exclude_modules (`list[str] | str | None`): Modules never tuned (names or a regex).
         modules_to_save (`list[str] | None`): Modules trained densely and saved (e.g. the classifier head).
-            For task type SEQ_CLS peft adds the head automatically.
+            For task types SEQ_CLS, TOKEN_CLS ("classifier", "score") and QUESTION_ANS ("qa_outputs") the head is
+            added automatically.
         init_weights (`bool`): True: delta values start at zero (the model equals the base). False:
             small random values (for tests only).
         seed (`int`): Seed of the "random" selection and of non-zero initialisation.
@@ -121,6 +127,9 @@ class SparseDiffConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = PEFT_TYPE
         self._validate()
+        heads = [name for name in TASK_HEADS.get(self.task_type, ()) if name not in (self.modules_to_save or ())]
+        if heads:  # peft adds these only after wrapping, when a default target would already hold the head
+            self.modules_to_save = [*(self.modules_to_save or ()), *heads]
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):

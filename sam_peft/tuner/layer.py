@@ -8,6 +8,8 @@ with the delta written in for the duration of each kernel.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -18,6 +20,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
 
 from ..ranking.budget import placeholder_count
 from ..ranking.signals import SIGNALS
@@ -33,6 +36,26 @@ def own_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in module._parameters.items() if p is not None}
 
 
+RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def keeps_running_statistics(module: nn.Module) -> bool:
+    """Whether a module keeps running statistics that a forward in train mode updates (BatchNorm, InstanceNorm with
+    `track_running_stats`, and any module with such buffers)."""
+    return any(module._buffers.get(name) is not None for name in RUNNING_STATISTICS)
+
+
+def running_statistics(model: nn.Module) -> list[torch.Tensor]:
+    """The running-statistics buffers of every module of `model` (see `keeps_running_statistics`), each once."""
+    found = {}
+    for module in model.modules():
+        for name in RUNNING_STATISTICS:
+            buffer = module._buffers.get(name)
+            if buffer is not None:
+                found[id(buffer)] = buffer
+    return list(found.values())
+
+
 class SparseDiffLayer(nn.Module, BaseTunerLayer):
     """A base module plus sparse deltas on its own parameters (generic path: dense composition).
 
@@ -41,6 +64,11 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ("sparsediff_values",)
     other_param_names = ("sparsediff_indices",)
+    # A tuned parameter read through the wrapper (`layer.weight`, as RecurrentGemma's and Mamba's decoding read their
+    # depthwise conv's weight) is θ0 + Δ of the active adapters: the generic path composes it for each call anyway.
+    # Layers with a fast path (a large weight with the delta written in for each kernel) give θ0 (see `_read`).
+    _reads_compose = True
+    _methods_compose = True  # see `__getattr__`
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, config, module_key: str, skip: frozenset[str] = frozenset()
@@ -61,6 +89,7 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
         self._epoch = 0  # moves whenever entries, adapters or loaded tensors change: forward plans are rebuilt
         self.update_layer(adapter_name, config)
         self.register_load_state_dict_post_hook(_entries_changed)
+        self._writes_to_base = True  # from now on, see `__setattr__`
 
     @property
     def in_features(self) -> int | None:
@@ -74,14 +103,97 @@ class SparseDiffLayer(nn.Module, BaseTunerLayer):
 
     def __getattr__(self, name: str) -> Any:
         """Attributes the wrapper lacks are read from the wrapped module (`stride`, `padding`, `padding_idx`,
-        `num_embeddings`, ...), as code that holds the module expects."""
+        `num_embeddings`, ...), as code that holds the module expects. A method the wrapped module's own class
+        defines (not one of torch's) runs with the active deltas in its parameters, as `forward` does: ProphetNet
+        calls `position_embeddings._forward(...)` beside `position_embeddings(...)`."""
         try:
             return super().__getattr__(name)
         except AttributeError:
             base = self.__dict__.get("_modules", {}).get("base_layer")
             if base is None or name.startswith("__"):
                 raise
-            return getattr(base, name)
+            if name in base._parameters:
+                return self._read(name)
+            value = getattr(base, name)
+            if self._methods_compose and inspect.ismethod(value) and value.__self__ is base \
+                    and not _defined_by_torch(type(base), name):
+                return functools.wraps(value)(functools.partial(self._call_with_deltas, value))
+            return value
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The wrapped module's weight as its forward sees it (see `_read`)."""
+        base = self.get_base_layer()
+        return base.qweight if hasattr(base, "qweight") else self._read("weight")
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The wrapped module's bias as its forward sees it (see `_read`)."""
+        return self._read("bias")
+
+    def _read(self, name: str) -> Any:
+        """Parameter `name` of the wrapped module, read through the wrapper: on the generic path θ0 + Δ of the active
+        adapters (a new tensor, differentiable in the values) where it carries a delta, so code that reads it
+        directly computes what the forward computes, and what merging gives. Layers with a fast path, and
+        parameters that are not plain (sharded, quantized), give the parameter itself."""
+        value = getattr(self.get_base_layer(), name)
+        if not self._reads_compose or type(value) is not nn.Parameter or name not in self.tuned_parameters():
+            return value
+        adapters = [] if self.merged or self.disable_adapters else self._active_with_entries()
+        return self._composed(adapters, name, value) if adapters else value
+
+    def _call_with_deltas(self, method: Callable, *args: Any, **kwargs: Any) -> Any:
+        """`method` of the wrapped module, run with θ0 + Δ of the active adapters in its tuned parameters."""
+        adapters = [] if self.merged or self.disable_adapters else self._active_with_entries()
+        if not adapters:
+            return method(*args, **kwargs)
+        base = self.get_base_layer()
+        if torch.compiler.is_compiling():
+            params = {name: self._composed(adapters, name, p) for name, p in self.tuned_parameters().items()}
+            with _reparametrize_module(base, params):
+                return method(*args, **kwargs)
+        with self._lock:  # the parameters are swapped for the call: read and swap as one
+            params = {name: self._composed(adapters, name, p) for name, p in self.tuned_parameters().items()}
+            with _reparametrize_module(base, params):
+                return method(*args, **kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A write to an attribute of the wrapped module (one the wrapper does not hold itself) goes to the wrapped
+        module, where reads find it (`__getattr__`) and its forward uses it: models that set state on their
+        submodules at run time (RecurrentGemma's `rg_lru.recurrent_states`) keep working once these are wrapped."""
+        if self._owner_of(name) is not self:
+            setattr(self.__dict__["_modules"]["base_layer"], name, value)
+            return
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if self._owner_of(name) is not self:
+            delattr(self.__dict__["_modules"]["base_layer"], name)
+            return
+        super().__delattr__(name)
+
+    def _owner_of(self, name: str) -> nn.Module:
+        """The wrapped module if it holds attribute `name` and the wrapper does not (its own attributes, parameters,
+        buffers, submodules, and what its class defines, such as properties with a setter, stay its own); else the
+        wrapper."""
+        own = self.__dict__
+        declared = getattr(type(self), name, None)
+        read_only = isinstance(declared, property) and declared.fset is None  # `weight`, `bias`: the base's
+        if not own.get("_writes_to_base", False) or name in own or (declared is not None and not read_only):
+            return self
+        if any(name in own.get(kind, {}) for kind in ("_parameters", "_buffers", "_modules")):
+            return self
+        base = own["_modules"].get("base_layer")
+        if base is None:
+            return self
+        if name in base.__dict__ or any(name in base.__dict__.get(kind, {})
+                                        for kind in ("_parameters", "_buffers", "_modules")):
+            return base
+        # a class-level default (often None) or a property of the model's own class
+        if any(name in vars(klass) for klass in type(base).__mro__) and not _defined_by_torch(type(base), name) \
+                and not callable(getattr(type(base), name)):
+            return base
+        return self
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -360,6 +472,13 @@ def _features(module: nn.Module) -> tuple[int | None, int | None]:
         if hasattr(module, first) and hasattr(module, second):
             return getattr(module, first), getattr(module, second)
     return None, None
+
+
+def _defined_by_torch(cls: type, name: str) -> bool:
+    """Whether the class in `cls`'s MRO that defines attribute `name` is one of torch's (`nn.Module`'s methods,
+    `nn.Embedding.reset_parameters`, ...): those run on the wrapped module as they are."""
+    owner = next((klass for klass in cls.__mro__ if name in vars(klass)), None)
+    return owner is None or owner.__module__.split(".")[0] == "torch"
 
 
 def _entries_changed(module: SparseDiffLayer, incompatible_keys: Any) -> None:

@@ -21,7 +21,7 @@ from ..storage.validation import check_dense_tensors, check_entries, index_dtype
 from .combine import Combination
 from .config import SparseDiffConfig
 from .install import add_combined, select_data_free, sync_trainable
-from .layer import SparseDiffLayer, own_parameters
+from .layer import SparseDiffLayer, keeps_running_statistics, own_parameters
 from .mixed import BASE, MixedBatch, refuse_unsupported_arguments
 from .peft_type import PREFIX
 from .quantized_layers import DenseWeights, check_supported, quantization_record
@@ -49,10 +49,37 @@ class SparseDiffModel(BaseTuner):
         self._candidates, self._shared = candidate_modules(model)
         self._output_heads = output_head_names(model)
         _check_patterns_match(peft_config, sorted(self._candidates))
+        self._save_running_statistics_densely(peft_config, model)
         _check_no_overlap_with_modules_to_save(peft_config, sorted(self._candidates))
         # quantized kernels without a dequantize path (GPTQ, AWQ, ...) are refused before anything is wrapped
         check_supported([(name, module) for name, module in model.named_modules()
                          if name and not isinstance(module, BaseTunerLayer) and self._targets(peft_config, name)])
+
+    def _save_running_statistics_densely(self, peft_config: SparseDiffConfig, model: nn.Module) -> None:
+        """Normalization layers with running statistics (BatchNorm) are not tuned sparsely: training in train mode
+        moves their running mean and variance, which a delta does not carry (the saved adapter would not give the
+        trained model back). By default they join `modules_to_save` (trained densely, statistics saved with them),
+        with a warning; naming them in `target_modules` is refused."""
+        found = []
+        for name in sorted(self._candidates):
+            module = model.get_submodule(name)
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if keeps_running_statistics(base) and self._targets(peft_config, name):
+                found.append(name)
+        if not found:
+            return
+        listed = found[:5] + ([f"... ({len(found)} in all)"] if len(found) > 5 else [])
+        if peft_config.target_modules is not None:
+            raise ConfigError(
+                f"target_modules matches normalization layers with running statistics: {listed}. Training in train "
+                "mode updates their running mean and variance, which a sparse delta does not carry. Leave them out "
+                "(exclude_modules), or train them densely by naming them in modules_to_save."
+            )
+        logger.warning(
+            "%d normalization layers keep running statistics (BatchNorm), which training updates outside a sparse "
+            "delta: they are trained densely and saved whole (added to modules_to_save) instead of tuned "
+            "sparsely: %s. Name them in exclude_modules to freeze them.", len(found), listed)
+        peft_config.modules_to_save = [*(peft_config.modules_to_save or ()), *found]
 
     def _check_target_module_exists(self, peft_config: SparseDiffConfig, key: str):
         if key not in self._candidates:
@@ -209,7 +236,8 @@ def _check_no_overlap_with_modules_to_save(config: SparseDiffConfig, candidates:
         raise ConfigError(
             f"{both[:5]} matched both target_modules={targets_setting!r} and "
             f"modules_to_save={list(config.modules_to_save)!r} (peft matches modules_to_save by name suffix): a "
-            "module is either tuned sparsely or trained densely. Remove it from one of the two settings."
+            "module is either tuned sparsely or trained densely. Remove it from one of the two settings (task types "
+            "SEQ_CLS, TOKEN_CLS and QUESTION_ANS put their head in modules_to_save themselves)."
         )
 
 
@@ -257,13 +285,15 @@ def candidate_modules(model: nn.Module) -> tuple[set[str], set[int]]:
     a warning names it. A module that owns parameters and also has children with parameters is skipped with
     a warning (its children are targeted instead), except nn.MultiheadAttention: its kernel reads its children's
     weights directly (a delta on `out_proj` would never reach the output), so it is one unit whose own in-projection
-    parameters are tuned and whose children are not.
+    parameters are tuned and whose children are not. The parameters such modules own, and those the model itself
+    owns (CLIP's `logit_scale`), stay frozen: one warning lists them (XLNet's `r_w_bias`, Mamba's `A_log` and `D`).
     """
     aux_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, AuxiliaryTrainingWrapper))
     tuner_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, BaseTunerLayer))
     owners: dict[int, list[str]] = {}
     modules = []
     fused = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention))
+    root = list(own_parameters(model))  # the model's own parameters: no module to wrap them
     for name, module in model.named_modules(remove_duplicate=False):
         if not name or name.startswith(aux_prefixes) or name.startswith(tuner_prefixes) or name.startswith(fused):
             continue
@@ -291,8 +321,15 @@ def candidate_modules(model: nn.Module) -> tuple[set[str], set[int]]:
             continue
         if any(id(p) not in shared for p in params.values()):
             names.add(name)
-    if skipped:
-        logger.warning("Own parameters of these container modules are not tuned: %s", skipped)
+    frozen = [f"{name}.{pname}" for name in skipped
+              for pname, p in own_parameters(model.get_submodule(name)).items() if id(p) not in shared]
+    frozen += [n for n in root if id(model._parameters[n]) not in shared]
+    if frozen:
+        logger.warning(
+            "%d parameters are not tuned and stay frozen: their module also holds submodules with parameters (whose "
+            "own parameters are tuned instead), or the model itself owns them: %s. To train one, name its module in "
+            "modules_to_save (trained densely).", len(frozen), frozen[:20] + ([f"... ({len(frozen)} in all)"]
+                                                                             if len(frozen) > 20 else []))
     return names, shared
 
 

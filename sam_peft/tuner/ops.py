@@ -39,6 +39,26 @@ def add_rounded_once(theta0: torch.Tensor, values: torch.Tensor) -> torch.Tensor
     return torch.add(theta0, values, out=torch.empty_like(theta0))  # one kernel: computes wide, rounds once
 
 
+def not_a_view(out: torch.Tensor, *kept: torch.Tensor | None) -> torch.Tensor:
+    """What a custom autograd Function may return as `out`: never a view or alias of another tensor.
+
+    Autograd forbids in-place changes of a Function's output that is a view (Longformer divides the query
+    projection's output in place; `F.linear` on a 3-D input returns a view of its 2-D result). A view of a tensor
+    made inside the forward becomes a detached alias of it (no copy: nothing else holds that tensor); an output that
+    shares memory with an input or a saved tensor (`kept`) is copied, since an in-place change would corrupt it.
+    """
+    if torch.compiler.is_compiling():  # a traced graph has no such views (and fake tensors have no storage)
+        return out
+    storage = out.untyped_storage().data_ptr()
+    if any(_plain(t) and t.untyped_storage().data_ptr() == storage for t in kept):
+        return out.clone()
+    return out.detach() if out._is_view() else out
+
+
+def _plain(t: torch.Tensor | None) -> bool:
+    return type(t) in (torch.Tensor, torch.nn.Parameter)
+
+
 def compose(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """A new tensor equal to `weight` with θ0 + values (`add_rounded_once`) at the flat `indices` (unique),
     differentiable in the values."""
@@ -125,11 +145,14 @@ def _touched(position: torch.Tensor, size: int) -> tuple[torch.Tensor | None, to
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-    """x Wᵀ + b for an nn.Linear weight (out × in), or x W + b for a Conv1D weight (in × out)."""
+    """x Wᵀ + b for an nn.Linear weight (out × in), or x W + b for a Conv1D weight (in × out), each computed as the
+    module's own forward computes it (`F.linear`; `torch.addmm` for Conv1D, which rounds once where x W then + b
+    rounds twice: in bf16 the two differ), so the wrapped model gives the base model's numbers bit for bit."""
     if not transposed:
         return F.linear(x, weight, bias)
-    out = x @ weight
-    return out if bias is None else out + bias
+    if bias is None:
+        return x @ weight
+    return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[-1])
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,7 +227,7 @@ class WrittenDeltaMatmul(torch.autograd.Function):
         ctx.save_for_backward(x_side, written)
         ctx.slot = slot
         ctx.structure, ctx.transposed, ctx.x_shape = structure, transposed, x.shape
-        return out
+        return not_a_view(out, x, weight, bias)
 
     @staticmethod
     @_first_order_only
@@ -283,7 +306,7 @@ class ComposedDeltaMatmul(torch.autograd.Function):
         x_side, ctx.take_in_backward = _input_side(x, structure, transposed, out.dtype, ctx.needs_input_grad[3])
         ctx.save_for_backward(x_side, weight, indices, values)
         ctx.structure, ctx.transposed, ctx.x_shape = structure, transposed, x.shape
-        return out
+        return not_a_view(out, x, weight, bias)
 
     @staticmethod
     @_first_order_only
@@ -319,7 +342,7 @@ class SparseTermMatmul(torch.autograd.Function):
             out = torch.zeros(x2.shape[0], out_features, dtype=dtype, device=x.device).index_copy_(1, scatter, part)
         ctx.save_for_backward(x_side if values.requires_grad else None, block if x.requires_grad else None)
         ctx.structure, ctx.transposed, ctx.x_shape, ctx.x_dtype = structure, transposed, x.shape, x.dtype
-        return out.view(*x.shape[:-1], out_features)
+        return not_a_view(out.view(*x.shape[:-1], out_features), x, values)
 
     @staticmethod
     @_first_order_only
@@ -388,7 +411,7 @@ class WrittenDeltaEmbedding(torch.autograd.Function):
         ctx.save_for_backward(input_ids)
         ctx.structure = structure
         with delta_written(slot, slot.written(values)):
-            return F.embedding(input_ids, weight, **options)
+            return not_a_view(F.embedding(input_ids, weight, **options), weight)
 
     @staticmethod
     @_first_order_only

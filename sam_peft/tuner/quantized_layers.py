@@ -35,6 +35,7 @@ from .ops import (
     _values_gradient,
     add_rounded_once,
     compose,
+    not_a_view,
     write_at,
 )
 
@@ -279,7 +280,7 @@ class QuantizedDeltaMatmul(torch.autograd.Function):
         if values is not None:
             x_side, ctx.take = _input_side(xc, structure, False, dtype, values.requires_grad)
         ctx.save_for_backward(x_side, xc.reshape(-1, x.shape[-1]) if sink is not None else None)
-        return out.to(out_dtype)
+        return not_a_view(out.to(out_dtype), x, bias)
 
     @staticmethod
     @_first_order_only
@@ -314,6 +315,9 @@ def fold_weight_gradient(go2: torch.Tensor, x2: torch.Tensor, fold_rows: Callabl
 # --------------------------------------------------------------------------------------------- the layer
 class QuantizedLinear(SparseDiffLayer):
     """A quantized Linear (see `KINDS`) with sparse deltas on its logical weight (and its bias, if any)."""
+
+    _reads_compose = False  # the weight is stored quantized: no θ0 + Δ is composed for reads or methods
+    _methods_compose = False
 
     # (anchor, sink) while a burn-in runs; sink None: the layer runs the burn-in kernel but keeps no statistics
     _gradient_sink: tuple[torch.Tensor, Callable | None] | None = None

@@ -74,6 +74,7 @@ class _WeightDeltaLayer(SparseDiffLayer):
     """A layer whose `weight` carries a delta through the fast paths of `ops`."""
 
     _plan: _Plan | None = None  # what the last call ran with, reused while nothing it depends on changed
+    _reads_compose = False  # `layer.weight` is θ0 (read often for its dtype; composing would copy the weight)
 
     def invalidate_caches(self, rebuild: bool = True) -> None:
         self._plan = None  # it holds a slot and the tensors it was built for
