@@ -81,7 +81,7 @@ def mixed_batch_forward(layer: nn.Module, batch: MixedBatch, args: tuple, kwargs
     by_terms = getattr(layer, "forward_rows_by_terms", None)
     if by_terms is not None and not shared and len(args) == 1 and not kwargs:
         groups = [(name, batch.rows(position, x.device)) for position, (name, _) in enumerate(batch.groups)]
-        out = by_terms(groups, x)
+        out = by_terms(batch.names, groups, x)
         if out is not None:
             return out
     out = None

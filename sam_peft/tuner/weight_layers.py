@@ -181,47 +181,62 @@ class SparseDiffLinear(_WeightDeltaLayer):
         return out + sparse_term(x, values, structure, self.transposed, self.out_features).to(out.dtype)
 
 
-    def forward_rows_by_terms(self, groups: list[tuple[str, torch.Tensor]], x: torch.Tensor) -> torch.Tensor | None:
-        """A mixed-adapter batch in one matmul: θ0 for every row, then each adapter's delta added to its rows as a
-        gathered sparse term x[..., in] · v scattered to out (O(rows × k)). None where a per-group forward is
-        cheaper or needed: a weight that is not a plain float tensor, or a group so large that its gathered term
-        (rows × k) would outgrow the weight (there the per-group matmuls cost what one does)."""
+    def forward_rows_by_terms(self, names: tuple[str, ...], groups: list[tuple[str, torch.Tensor]],
+                              x: torch.Tensor) -> torch.Tensor | None:
+        """A mixed-adapter batch (`names`: each row's adapter; `groups`: each adapter's rows) in one matmul with θ0
+        for every row, then every adapter's delta added to its own rows at once: one gather of x at each (row,
+        entry)'s input column, scaled by the entry's value, one scatter-add to its output (O(rows × k)). None where
+        the per-group forwards are cheaper or needed: a weight that is not a plain float tensor, or a batch whose
+        gathered terms (rows × tokens × k) would outgrow the weight (there the per-group matmuls cost what one
+        does)."""
         base = self.get_base_layer()
         weight = base.weight
         if self.disable_adapters or type(weight) not in (nn.Parameter, torch.Tensor) \
                 or not weight.dtype.is_floating_point or weight.device.type == "meta":
             return None
-        deltas = {name: self._delta([name], "weight") for name, _ in groups
-                  if name in self.sparsediff_values and "weight" in self.sparsediff_values[name]}
+        held = [(name, rows) for name, rows in groups if name in self.sparsediff_values
+                and "weight" in self.sparsediff_values[name] and self.sparsediff_values[name]["weight"].numel()]
         tokens = x[0].numel() // max(x.shape[-1], 1)  # tokens per row
-        if any(rows.numel() * tokens * d[0].numel() > TERMS_MAX_RATIO * weight.numel()
-               for (name, rows) in groups if (d := deltas.get(name)) is not None):
+        if tokens * sum(rows.numel() * self.sparsediff_values[name]["weight"].numel() for name, rows in held) \
+                > TERMS_MAX_RATIO * weight.numel():
             return None
         out = matmul(x, weight, base.bias, self.transposed)
-        for name, rows in groups:
-            part = self._rows_term(name, deltas.get(name), x.index_select(0, rows), out.dtype)
-            if part is not None:
-                out.index_add_(0, rows, part)
+        if held:
+            sources = [self.sparsediff_indices[name]["weight"] for name, _ in held]
+            gather_at, add_at, value_at = self._cached(
+                ("mixed",), lambda: (names, x.shape[0], self.transposed,
+                                     *((tensor_version(s), s.data_ptr(), s.numel()) for s in sources)),
+                lambda: self._pair_indices(held, x.device))
+            values = torch.cat([self.sparsediff_values[name]["weight"] for name, _ in held]).to(out.dtype)
+            rows, width = x.shape[0], self.in_features
+            xt = x.to(out.dtype).reshape(rows, tokens, width).transpose(1, 2).reshape(rows * width, tokens)
+            terms = xt.index_select(0, gather_at) * values.index_select(0, value_at).unsqueeze(1)
+            added = out.new_zeros(rows * self.out_features, tokens).index_add_(0, add_at, terms)
+            out += added.view(rows, self.out_features, tokens).transpose(1, 2).reshape(out.shape)
+        if base.bias is not None:
+            for name, rows in groups:
+                bias = self._delta([name], "bias")
+                if bias is not None:
+                    vector = out.new_zeros(self.out_features).index_add_(0, bias[0], bias[1].to(out.dtype))
+                    out.index_add_(0, rows, vector.expand(rows.numel(), *out.shape[1:]))
         return out
 
-    def _rows_term(self, name: str, delta, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """One adapter's x Δᵀ (+ its bias delta) on its rows, by gathering x at each entry's input column."""
-        bias = self._delta([name], "bias") if self.get_base_layer().bias is not None else None
-        if delta is None and bias is None:
-            return None
-        part = x.new_zeros((*x.shape[:-1], self.out_features), dtype=dtype)
-        if delta is not None:
-            indices, values = delta
-            source = self.sparsediff_indices[name]["weight"]  # the stored indices, as `_delta` keys its copy
-            inputs, outputs = self._cached(
-                ("terms", name), lambda: (tensor_version(source), source.data_ptr(), source.numel(), self.transposed),
-                lambda: (indices // self.out_features, indices % self.out_features) if self.transposed
-                else (indices % self.in_features, indices // self.in_features))
-            part.index_add_(-1, outputs, x.to(dtype).index_select(-1, inputs) * values.to(dtype))
-        if bias is not None:
-            part.index_add_(-1, bias[0], bias[1].to(dtype).expand(*part.shape[:-1], -1))
-        return part
-
+    def _pair_indices(self, held: list[tuple[str, torch.Tensor]], device: torch.device):
+        """For every (row, entry) of the batch: where x is read (row · in + input column), where the term is added
+        (row · out + output row of W) and which of the concatenated values scales it."""
+        gather_at, add_at, value_at, offset = [], [], [], 0
+        for name, rows in held:
+            indices = self._delta([name], "weight")[0]
+            if self.transposed:  # Conv1D: W is in × out
+                inputs, outputs = indices // self.out_features, indices % self.out_features
+            else:
+                inputs, outputs = indices % self.in_features, indices // self.in_features
+            rows = rows.to(device).unsqueeze(1)
+            gather_at.append((rows * self.in_features + inputs).reshape(-1))
+            add_at.append((rows * self.out_features + outputs).reshape(-1))
+            value_at.append((offset + torch.arange(indices.numel(), device=device)).repeat(rows.shape[0]))
+            offset += indices.numel()
+        return torch.cat(gather_at), torch.cat(add_at), torch.cat(value_at)
 
     def _remember(self, adapters: list[str], values: torch.Tensor, bias_delta, structure: BlockStructure | None,
                   slot: DeltaSlot) -> None:
