@@ -1,12 +1,12 @@
 """Mixed-adapter batches: peft's `adapter_names` argument, one adapter (or `"__base__"`) per row of a batch.
 
-Linear and Conv1D layers on a float weight, in inference, run one matmul with θ0 for the whole batch and add each
-adapter's delta to its rows as a gathered sparse term (O(rows × k)): the weight is read once however many adapters
-the batch holds. A row's output equals the one it gets alone with its adapter set up to rounding (there θ0 + Δ is
-rounded once into the weight; here x·Δ is a separate term). Where that does not apply (other layer kinds, quantized
-weights, a group whose gathered term would outgrow the weight), each layer splits its input by row into
-one sub-batch per adapter, runs each sub-batch exactly as a single-adapter forward would (the delta written into
-the weight for the call, O(k)), and puts the rows back in place.
+Linear and Conv1D layers on a float weight, in inference, run one matmul with θ0 for the whole batch and add every
+adapter's delta to its rows in one gather and one scatter-add over (row, entry) pairs (O(rows × k)): the weight is
+read once however many adapters the batch holds. A row's output equals the one it gets alone with its adapter set
+up to rounding (there θ0 + Δ is rounded once into the weight; here x·Δ is a separate term). Where that does not
+apply (other layer kinds, quantized weights, a batch whose gathered terms would outgrow the weight), each layer
+splits its input by row into one sub-batch per adapter, runs each sub-batch exactly as a single-adapter forward
+would (the delta written into the weight for the call, O(k)), and puts the rows back in place.
 
 A layer where the batch's adapters differ can only split rows it can see: its first input must have the batch as
 dimension 0. The one exception is an absolute position table read with ids of shape (1, T) broadcast over the

@@ -31,7 +31,7 @@ from .ops import (
 )
 from .quantized_layers import QuantizedLinear, check_supported, quantized_kind, unsupported_quantization
 
-# a mixed batch adds an adapter's delta as a gathered term while (rows × tokens × k) ≤ this × the weight's size;
+# a mixed batch adds its adapters' deltas as gathered terms while Σ rows × tokens × k ≤ this × the weight's size;
 # beyond it the per-group forwards are faster (MiniLM, 8 adapters, 256 tokens per group: terms 1.8× slower, CPU)
 TERMS_MAX_RATIO = 1.0
 
