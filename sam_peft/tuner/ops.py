@@ -101,7 +101,10 @@ class BlockStructure:
         rows, row_local = _touched(row, n_rows)
         cols, col_local = _touched(col, n_cols)
         width = n_cols if cols is None else cols.numel()
-        return BlockStructure(rows, cols, row_local * width + col_local, n_rows, n_cols)
+        positions = row_local * width + col_local
+        if len(positions) and (n_rows if rows is None else rows.numel()) * width < 2**31:
+            positions = positions.to(torch.int32)  # 4 bytes per entry kept per layer, not 8
+        return BlockStructure(rows, cols, positions, n_rows, n_cols)
 
     @property
     def block_shape(self) -> tuple[int, int]:
