@@ -191,3 +191,20 @@ def test_projection_curve_from_a_reprojection_run(tmp_path, data_dir, tiny_model
     _train(tmp_path / "plain", data_dir, tiny_model, "rte", method="diffpruning")  # no --reproject-every
     with pytest.raises(ValueError, match="reproject"):
         write_projection_curve(str(tmp_path / "plain"), str(tmp_path / "x.json"), str(tmp_path / "x.png"))
+
+
+def test_evidence_reuses_the_search_runs_it_would_repeat(tmp_path):
+    """Seed 0 at the chosen rate with the search's settings is the search's own run: it is copied (marked), not
+    made again, and only once."""
+    from pathlib import Path
+
+    from sam_peft.bench.glue import read_records, run_profile
+
+    search = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "lrsearch.jsonl"
+    for _ in range(2):
+        path = run_profile("evidence", results_dir=str(tmp_path), lrs_from=str(search), max_runs=0)
+    records = read_records(path)
+    searched = {(r["task"], r["method"], r["lr"]): r["metric"] for r in read_records(search)}
+    assert len(records) == 16 and {r["seed"] for r in records} == {0}
+    assert all(r["reused_from"] == "lrsearch run" and r["profile"] == "evidence" for r in records)
+    assert all(searched[(r["task"], r["method"], r["lr"])] == r["metric"] for r in records)

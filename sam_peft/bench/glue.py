@@ -163,6 +163,18 @@ def check_consistent(records: list[dict], profile: Profile, path: Path, model: s
             )
 
 
+def _reuse(run: dict, profile: Profile, searched: list[dict], path: Path, model: str) -> bool:
+    """Append to `path` the search's record of the same run (task, method, seed, sparsity, the chosen rate, the
+    profile's settings and base model), marked `reused_from`; whether there was one."""
+    lr = profile.lrs.get(run["method"])
+    for record in searched:
+        if run_key(record) == run_key(run) and lr is not None and float(record["lr"]) == float(lr) \
+                and record.get("settings") == dict(profile.settings) and record.get("model", model) == model:
+            append_record(path, {**record, "profile": profile.name, "reused_from": f"{record.get('profile')} run"})
+            return True
+    return False
+
+
 def run_profile(profile_name: str, *, name: str | None = None, results_dir: str = "benchmarks/results",
                 model: str | None = None, data_dir: str | None = None, jobs: int = 1,
                 tasks: list[str] | None = None, methods: list[str] | None = None, max_runs: int | None = None,
@@ -194,6 +206,8 @@ def run_profile(profile_name: str, *, name: str | None = None, results_dir: str 
     done = {run_key(r, with_lr) for r in records}
     todo = [r for r in profile.runs() if run_key(r, with_lr) not in done
             and (not tasks or r["task"] in tasks) and (not methods or r["method"] in methods)]
+    if lrs_from:  # a run the search already made with the same settings and chosen rate is not made twice
+        todo = [r for r in todo if not _reuse(r, profile, read_records(Path(lrs_from)), path, model or PACKAGED_MODEL)]
     if max_runs is not None:
         todo = todo[:max_runs]
     logger.info("%s: %d runs done, %d to go -> %s", profile_name, len(done), len(todo), path)
