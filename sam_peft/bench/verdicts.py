@@ -163,7 +163,8 @@ def _levene(records: list[dict], a: str, b: str, tasks: tuple[str, ...]) -> list
     return rows
 
 
-def _std_section(records, methods, reference, constant) -> list[str]:
+def _std_section(records: list[dict], methods: list[str], reference: str,
+                 constant: set[tuple[str, str]]) -> list[str]:
     tasks = _comparable(records, methods, constant)
     if not tasks:
         return ["No task where no method is mostly constant: the std claim is not testable here.\n"]
@@ -179,7 +180,7 @@ def _std_section(records, methods, reference, constant) -> list[str]:
     return lines
 
 
-def _std_claim(records, methods, reference, constant) -> str:
+def _std_claim(records: list[dict], methods: list[str], reference: str, constant: set[tuple[str, str]]) -> str:
     tasks = _comparable(records, methods, constant)
     if not tasks:
         return "not testable here | every task has a mostly-constant method"
