@@ -53,3 +53,13 @@ def test_mostly_constant_tasks_are_left_out_and_one_seed_is_not_testable():
     comparison = compare(_runs(gap=1.0), "sam", "full", {("full", "cola")})
     assert comparison.tasks == ("mrpc", "stsb") and comparison.left_out == ("cola",) and comparison.n == 10
     assert claims_report(_runs(gap=1.0, seeds=1), set()).startswith("Not testable here")
+
+
+def test_the_std_claim_uses_only_tasks_where_every_method_has_three_runs():
+    # cola: full and lora have 2 runs (Levene's median form is degenerate with 2: every |x - median| is equal)
+    records = [r for r in _runs(gap=1.0) if r["task"] != "cola" or r["seed"] < 2 or r["method"] == "sam"]
+    report = claims_report(records, set())
+    assert "nan" not in report and "(mrpc, stsb)" in report
+    two_each = [r for r in _runs(gap=1.0) if r["seed"] < 2]
+    assert "| Table 1: SAM is the most stable (lowest averaged std) | not testable here" in \
+        claims_report(two_each, set())
