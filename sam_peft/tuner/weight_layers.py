@@ -180,7 +180,6 @@ class SparseDiffLinear(_WeightDeltaLayer):
         out = matmul(x, base.weight, bias, self.transposed) if bias is not base.bias else base(x, *args, **kwargs)
         return out + sparse_term(x, values, structure, self.transposed, self.out_features).to(out.dtype)
 
-
     def forward_rows_by_terms(self, names: tuple[str, ...], groups: list[tuple[str, torch.Tensor]],
                               x: torch.Tensor) -> torch.Tensor | None:
         """A mixed-adapter batch (`names`: each row's adapter; `groups`: each adapter's rows) in one matmul with θ0
