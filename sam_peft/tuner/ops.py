@@ -379,30 +379,37 @@ def sparse_term(x: torch.Tensor, values: torch.Tensor, structure: BlockStructure
 
 @dataclass(frozen=True)
 class EmbeddingStructure:
-    """Where the entries of an embedding table lie, for a values gradient with fixed-size scatters (no host sync).
+    """Where the entries of an embedding table lie, for a delta term and a values gradient sized by the batch.
 
-    `row_slot` maps each vocabulary row to its slot among the rows holding entries (rows without one share a spare
-    last slot); each entry sits at (`entry_slot`, `entry_col`); `entry_live` is 0 for entries on the padding row,
-    which gets no gradient, as in dense training.
+    Each entry sits at (`entry_row`, `entry_col`); `entry_live` is 0 for entries on the padding row, which gets no
+    gradient, as in dense training. Nothing the size of the table's touched rows is built per step: a table of
+    128 k rows × 4096 with entries on most rows would need a 2 GiB scratch; the batch's tokens need at most the size
+    of the output gradient.
     """
 
-    row_slot: torch.Tensor
-    entry_slot: torch.Tensor
+    entry_row: torch.Tensor
     entry_col: torch.Tensor
     entry_live: torch.Tensor
-    n_slots: int
+    n_rows: int
 
     @staticmethod
     def build(indices: torch.Tensor, shape: tuple[int, int], padding_idx: int | None) -> EmbeddingStructure:
-        """Built once per set of indices (it syncs with the host); never in a training step."""
+        """Built once per set of indices; never in a training step."""
         n_rows, dim = shape
-        rows, entry_slot = torch.unique(indices // dim, return_inverse=True)
-        row_slot = torch.full((n_rows,), rows.numel(), dtype=torch.long, device=indices.device)
-        row_slot[rows] = torch.arange(rows.numel(), device=indices.device)
         live = torch.ones(indices.numel(), dtype=torch.float32, device=indices.device)
         if padding_idx is not None:
             live[(indices // dim) == padding_idx % n_rows] = 0.0
-        return EmbeddingStructure(row_slot, entry_slot, indices % dim, live, rows.numel() + 1)
+        return EmbeddingStructure((indices // dim).long(), (indices % dim).long(), live, n_rows)
+
+    def batch_slots(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(each token's slot, each entry's slot, number of slots) for this batch, with fixed-size scatters (no
+        host sync): a token's slot is that of one token with the same id; entries on rows absent from the batch
+        share the spare last slot."""
+        ids = input_ids.reshape(-1)
+        tokens = ids.numel()
+        slot_of_row = torch.full((self.n_rows,), tokens, dtype=torch.long, device=ids.device)
+        slot_of_row[ids] = torch.arange(tokens, device=ids.device)  # repeated ids: any one of them, read back below
+        return slot_of_row.index_select(0, ids), slot_of_row.index_select(0, self.entry_row), tokens + 1
 
 
 class WrittenDeltaEmbedding(torch.autograd.Function):
@@ -423,10 +430,10 @@ class WrittenDeltaEmbedding(torch.autograd.Function):
         s = ctx.structure
         grad_values = None
         if ctx.needs_input_grad[2]:
-            slots = s.row_slot.index_select(0, input_ids.reshape(-1))
-            sums = torch.zeros(s.n_slots, grad_out.shape[-1], dtype=torch.float32, device=grad_out.device)
-            sums.index_add_(0, slots, grad_out.reshape(-1, grad_out.shape[-1]).float())
-            grad_values = sums[s.entry_slot, s.entry_col] * s.entry_live
+            token_slot, entry_slot, n_slots = s.batch_slots(input_ids)
+            sums = torch.zeros(n_slots, grad_out.shape[-1], dtype=torch.float32, device=grad_out.device)
+            sums.index_add_(0, token_slot, grad_out.reshape(-1, grad_out.shape[-1]).float())
+            grad_values = sums[entry_slot, s.entry_col] * s.entry_live
         return None, None, grad_values, None, None, None
 
 
@@ -444,11 +451,11 @@ def sparse_delta_embedding(
 ) -> torch.Tensor:
     """Embedding lookup through `weight` + a separate sparse delta: the table plus Δ's rows of the batch's tokens."""
     out = F.embedding(input_ids, weight, **options)
-    n_rows, dim = weight.shape
     live = values * structure.entry_live.to(values.dtype) + (values * (1 - structure.entry_live)).detach()
-    rows = torch.zeros(structure.n_slots, dim, dtype=out.dtype, device=out.device)
-    rows = rows.index_put((structure.entry_slot, structure.entry_col), live.to(out.dtype), accumulate=True)
-    return out + rows.index_select(0, structure.row_slot.index_select(0, input_ids.reshape(-1))).view_as(out)
+    token_slot, entry_slot, n_slots = structure.batch_slots(input_ids)
+    rows = torch.zeros(n_slots, weight.shape[1], dtype=out.dtype, device=out.device)
+    rows = rows.index_put((entry_slot, structure.entry_col), live.to(out.dtype), accumulate=True)
+    return out + rows.index_select(0, token_slot).view_as(out)
 
 
 def composed_delta_matmul(x, weight, bias, values, indices, structure, transposed) -> torch.Tensor:
