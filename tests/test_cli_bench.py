@@ -146,6 +146,29 @@ def test_bench_smoke_resumes_and_reports(tmp_path, data_dir, tiny_model):
         assert (tmp_path / "report-methods.png").exists()
 
 
+def test_bench_tasks_and_methods_replace_the_profiles_grid(tmp_path, data_dir, tiny_model):
+    """The protocol runs on a task the profile does not list (a task only the caller has files for)."""
+    from sam_peft.bench.profiles import PROFILES
+
+    assert "cb" not in PROFILES["lrsearch"].tasks
+    path = run_profile("lrsearch", results_dir=str(tmp_path), model=str(tiny_model), data_dir=str(data_dir),
+                       tasks=["CB"], methods=["sam"], max_runs=1)
+    (record,) = read_records(path)
+    assert (record["task"], record["method"], record["seed"]) == ("cb", "sam", 0)
+    assert record["lr"] == PROFILES["lrsearch"].lr_grid["sam"][0]
+    assert record["settings"] == PROFILES["lrsearch"].settings and "dev_histogram" in record
+    # a report covers tasks outside the paper's seven (here the record relabelled as SST-2's)
+    other = tmp_path / "other.jsonl"
+    for seed in (0, 1):
+        append_record(other, {**record, "task": "sst2", "seed": seed, "profile": "evidence"})
+    text = write_report([str(other)], str(tmp_path / "other.md")).read_text()
+    assert "| method | sst2" in text and "No task has results" not in text
+    with pytest.raises(ValueError, match="Unknown task 'nope'"):
+        run_profile("lrsearch", results_dir=str(tmp_path), tasks=["nope"])
+    with pytest.raises(ValueError, match="no learning-rate grid for bitfit"):
+        run_profile("lrsearch", results_dir=str(tmp_path), methods=["bitfit"])
+
+
 def test_evals_per_epoch_sets_the_evaluation_interval(tmp_path, data_dir, tiny_model):
     from sam_peft.training import TrainSettings, run_training
 

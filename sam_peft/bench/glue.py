@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..tasks import get_task
 from ..training import PACKAGED_MODEL
 from .profiles import PROFILES, VARIANTS, Profile
 
@@ -175,16 +176,32 @@ def _reuse(run: dict, profile: Profile, searched: list[dict], path: Path, model:
     return False
 
 
+def _with_grid(profile: Profile, tasks: list[str] | None, methods: list[str] | None) -> Profile:
+    """The profile with its tasks and methods replaced by those named (any known task or method, with the
+    profile's settings and seeds), in the order named."""
+    if tasks:
+        profile = dataclasses.replace(profile, tasks=tuple(dict.fromkeys(get_task(t).name for t in tasks)))
+    if methods:
+        missing = [m for m in methods if profile.lr_grid is not None and m not in profile.lr_grid]
+        if missing:
+            raise ValueError(f"profile {profile.name!r} has no learning-rate grid for {', '.join(missing)}; "
+                             f"it searches {', '.join(profile.lr_grid)}.")
+        profile = dataclasses.replace(profile, methods=tuple(dict.fromkeys(methods)))
+    return profile
+
+
 def run_profile(profile_name: str, *, name: str | None = None, results_dir: str = "benchmarks/results",
                 model: str | None = None, data_dir: str | None = None, jobs: int = 1,
                 tasks: list[str] | None = None, methods: list[str] | None = None, max_runs: int | None = None,
                 lrs_from: str | None = None, command: str = "") -> Path:
     """Run (or continue) a profile; returns the results file.
 
+    `tasks`, `methods`: the grid to run instead of the profile's (any known task, for instance one whose files
+    only the caller has, and any method), with the profile's settings and seeds.
     `lrs_from`: a results file of a learning-rate search (lrgrid, lrsearch); each method then uses the learning rate
     it chose. A profile that names its search (`Profile.lrs_from`) runs only with one that covers all its methods.
     """
-    profile = PROFILES[profile_name]
+    profile = _with_grid(PROFILES[profile_name], tasks, methods)
     if profile.lrs_from and not lrs_from:
         raise ValueError(f"profile {profile_name!r} takes its learning rates from the {profile.lrs_from} profile's "
                          f"results: pass --lrs-from {results_dir}/{profile.lrs_from}.jsonl.")
@@ -204,8 +221,7 @@ def run_profile(profile_name: str, *, name: str | None = None, results_dir: str 
     check_consistent(records, profile, path, model)
     with_lr = profile.lr_grid is not None
     done = {run_key(r, with_lr) for r in records}
-    todo = [r for r in profile.runs() if run_key(r, with_lr) not in done
-            and (not tasks or r["task"] in tasks) and (not methods or r["method"] in methods)]
+    todo = [r for r in profile.runs() if run_key(r, with_lr) not in done]
     if lrs_from:  # a run the search already made with the same settings and chosen rate is not made twice
         todo = [r for r in todo if not _reuse(r, profile, read_records(Path(lrs_from)), path, model or PACKAGED_MODEL)]
     if max_runs is not None:

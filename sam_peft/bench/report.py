@@ -66,14 +66,19 @@ def mostly_constant(records: list[dict]) -> set[tuple[str, str]]:
     return {key for key, (constant, _, total) in constant_counts(records).items() if 2 * constant > total}
 
 
+def tasks_in_order(records: list[dict]) -> list[str]:
+    """The tasks of the records: the paper's first, in its order (`TASK_ORDER`), then any other by name."""
+    present = {r["task"] for r in records}
+    return [t for t in TASK_ORDER if t in present] + sorted(present - set(TASK_ORDER))
+
+
 def constant_table(records: list[dict]) -> str:
     """Per task and method, how many runs are constant, and each task's constant-prediction dev score."""
     from ..tasks import resolve_task
 
     counts = constant_counts(records)
     methods = sorted({r["method"] for r in records})
-    tasks = [t for t in TASK_ORDER if any(r["task"] == t for r in records)]
-    tasks += sorted({r["task"] for r in records} - set(tasks))
+    tasks = tasks_in_order(records)
     lines = ["| task | constant score | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for task in tasks:
         scores = {round(r["constant_score"], 2) for r in records if r["task"] == task
@@ -113,7 +118,7 @@ def table1(records: list[dict]) -> tuple[str, dict]:
     records = [r for r in records if r["seed"] in common[r["task"]]]
     cells = _by(records, "method", "task")
     # a partial results file: report the tasks every method has finished
-    tasks = [t for t in TASK_ORDER if all(cells.get((m, t)) for m in methods)]
+    tasks = [t for t in tasks_in_order(records) if all(cells.get((m, t)) for m in methods)]
     if not tasks:
         return "No task has results for every method yet.", {}
     constant = mostly_constant(records)
@@ -247,7 +252,7 @@ def lr_grid_table(records: list[dict]) -> str:
     chosen = choose_lrs_from_records(records)
     cells = _by(records, "method", "lr")
     lrs = sorted({float(r["lr"]) for r in records})
-    tasks = [t for t in TASK_ORDER if any(r["task"] == t for r in records)]
+    tasks = tasks_in_order(records)
     lines = ["| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " | chosen |", "|---|" + "---|" * (len(lrs) + 1)]
     for method in sorted({r["method"] for r in records}):
         row = []

@@ -23,9 +23,11 @@ def add_parser(sub) -> None:
     glue.add_argument("--data-dir", help="directory of the official task files (default: the hub)")
     glue.add_argument("--model", help="base model (default: the packaged all-MiniLM-L6-v2)")
     glue.add_argument("--jobs", type=int, default=1, help="parallel runs (at most the number of cores)")
-    glue.add_argument("--tasks", nargs="+", help="only these tasks")
+    glue.add_argument("--tasks", nargs="+", help="run these tasks instead of the profile's (any task sam-peft "
+                      "knows, with the profile's settings and seeds)")
     glue.add_argument("--methods", nargs="+", choices=[*METHODS, *VARIANTS], metavar="METHOD",
-                      help="only these methods: " + describe_methods() + "; variants: " + ", ".join(VARIANTS))
+                      help="run these methods instead of the profile's: " + describe_methods() + "; variants: "
+                      + ", ".join(VARIANTS))
     glue.add_argument("--max-runs", type=int, help="stop after this many new runs (run a profile in parts)")
     glue.add_argument("--lrs-from", help="results file of a learning-rate search (lrgrid, lrsearch): use each "
                                          "method's chosen learning rate")
