@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from .methods import DEFAULT_LRS, METHODS, prepare_method
 from .ranking.signals import SELECTIONS, SIGNALS
@@ -171,9 +172,10 @@ def _drop_rows(dataset, fraction: float, seed: int):
 
 def run_training(settings: TrainSettings) -> dict:
     """Train, evaluate and write the outputs; returns the metrics dict written to metrics.json."""
-    from transformers import EarlyStoppingCallback, set_seed
+    from transformers import set_seed
 
     from .tasks import collator_for, metrics_fn_for_trainer, resolve_task
+    from .tasks.constant import constant_baseline
 
     task = resolve_task(settings.task)
     out_dir = Path(settings.output)
@@ -199,7 +201,8 @@ def run_training(settings: TrainSettings) -> dict:
     _clear_outputs(out_dir)  # only now: a run refused while loading leaves no folder behind
     out_dir.mkdir(parents=True, exist_ok=True)
     args = _training_arguments(settings, out_dir, total_steps, eval_steps)
-    callbacks = [*prepared.callbacks, EarlyStoppingCallback(early_stopping_patience=settings.patience)]
+    heldout_constant = constant_baseline(task, encoded["heldout"]["labels"])["constant_score"]
+    callbacks = [*prepared.callbacks, EarlyStoppingAboveConstant(settings.patience, heldout_constant)]
     trainer = _trainer_class(prepared.loss_terms)(
         model=model, args=args, train_dataset=encoded["train"], eval_dataset=encoded["heldout"],
         data_collator=collator_for(task, tokenizer), compute_metrics=metrics_fn_for_trainer(task),
@@ -230,6 +233,7 @@ def run_training(settings: TrainSettings) -> dict:
         # interval of the dev metric and whether it lies above the constant score
         **dev_facts,
         "heldout_metrics": heldout_metrics,
+        "heldout_constant_score": heldout_constant,  # early stopping counts only evaluations after one beat it
         "train_metrics": train_metrics,
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - started,
@@ -330,15 +334,41 @@ def _training_arguments(settings: TrainSettings, out_dir: Path, total_steps: int
     )
 
 
+class EarlyStoppingAboveConstant(TrainerCallback):
+    """Stop after `patience` held-out evaluations without improvement of the primary metric, counting only from
+    the first evaluation that beats `floor` (the constant prediction's held-out score).
+
+    A model often scores exactly the constant prediction for its first evaluations (CoLA's Matthews correlation
+    stays 0 for about an epoch) before it learns; plain early stopping ends such a run on that plateau and keeps a
+    constant model. Where a run has beaten the floor, this stops exactly where plain early stopping would.
+    """
+
+    def __init__(self, patience: int, floor: float):
+        if patience < 1:
+            raise ValueError(f"patience must be at least 1 evaluation, got {patience}.")
+        self.patience, self.floor = patience, floor
+        self.best: float | None = None
+        self.without_improvement = 0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        value = (metrics or {}).get("eval_primary")
+        if value is None or (self.best is None and not value > self.floor):
+            return
+        if self.best is None or value > self.best:
+            self.best, self.without_improvement = value, 0
+        else:
+            self.without_improvement += 1
+        if self.without_improvement >= self.patience:
+            control.should_training_stop = True
+
+
 def _train(trainer, prepared) -> tuple:
     """Train (early stopping on the held-out split), then finish the method (e.g. bake DiffPruning's diff):
     (the Trainer's output, training seconds, the method's facts for metrics.json)."""
-    from transformers import EarlyStoppingCallback
-
     start = time.perf_counter()
     output = trainer.train()
     seconds = time.perf_counter() - start
-    trainer.remove_callback(EarlyStoppingCallback)  # the evaluations after training must not stop anything
+    trainer.remove_callback(EarlyStoppingAboveConstant)  # the evaluations after training must not stop anything
     if prepared.finalize is not None:
         prepared.finalize()
     return output, seconds, prepared.describe() if prepared.describe is not None else {}

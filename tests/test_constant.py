@@ -144,3 +144,42 @@ def test_interval_facts_say_whether_a_run_beats_the_constant_prediction():
     assert interval_facts("stsb", gold + rng.normal(size=300), gold, 0.0)["above_constant"] is True
     with pytest.raises(ValueError, match="must match"):
         interval_facts("rte", good[:10], labels, baseline)
+
+
+def _stops_after(callback, values: list[float]) -> int | None:
+    """The 1-based evaluation after which `callback` stops training, or None."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    args = TrainingArguments(output_dir="unused", metric_for_best_model="primary", load_best_model_at_end=True,
+                             eval_strategy="steps", save_strategy="steps", report_to=[])
+    state, control = TrainerState(), TrainerControl()
+    for i, value in enumerate(values, start=1):
+        callback.on_evaluate(args, state, control, metrics={"eval_primary": value})
+        if state.best_metric is None or value > state.best_metric:  # what the Trainer's checkpointing records
+            state.best_metric = value
+        if control.should_training_stop:
+            return i
+    return None
+
+
+def test_early_stopping_counts_only_after_the_model_beats_the_constant_prediction():
+    from transformers import EarlyStoppingCallback
+
+    from sam_peft.training import EarlyStoppingAboveConstant
+
+    plateau = [0.0, 0.0, 0.0, 12.0, 20.0, 19.0, 18.0]  # CoLA: Matthews 0 for an epoch, then learning
+    assert _stops_after(EarlyStoppingCallback(early_stopping_patience=2), plateau) == 3  # kept a constant model
+    assert _stops_after(EarlyStoppingAboveConstant(2, floor=0.0), plateau) == 7
+    assert _stops_after(EarlyStoppingAboveConstant(2, floor=0.0), [0.0] * 6) is None  # never learns: full budget
+    # a held-out score at or below the constant prediction's (here 51.4) is not a start either
+    assert _stops_after(EarlyStoppingAboveConstant(1, floor=51.4), [51.4, 50.0, 51.4, 55.0, 54.0]) == 5
+    # once a run has beaten the floor, it stops exactly where plain early stopping stops
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        values = [0.0] * int(rng.integers(0, 3)) + list(np.round(rng.uniform(0, 10, size=8), 1))
+        patience = int(rng.integers(1, 4))
+        plain = _stops_after(EarlyStoppingCallback(early_stopping_patience=patience), values)
+        if plain is not None and max(values[:plain]) > 0.0:
+            assert _stops_after(EarlyStoppingAboveConstant(patience, floor=0.0), values) == plain
+    with pytest.raises(ValueError, match="patience"):
+        EarlyStoppingAboveConstant(0, floor=0.0)

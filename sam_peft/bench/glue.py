@@ -76,7 +76,7 @@ def _git_commit() -> str:
 
 
 def _one_run(run: dict, profile: Profile, model: str | None, data_dir: str | None, threads: int,
-             command: str) -> dict:
+             command: str, commit: str) -> dict:
     import torch
 
     from ..training import TrainSettings, run_training
@@ -111,7 +111,7 @@ def _one_run(run: dict, profile: Profile, model: str | None, data_dir: str | Non
         "constant": metrics["constant"], "dev_interval": metrics["dev_interval"],
         "above_constant": metrics["above_constant"],
         "settings": {k: v for k, v in profile.settings.items()}, "variant_settings": overrides,
-        "git_commit": _git_commit(), "command": command,
+        "git_commit": commit, "command": command,
     }
 
 
@@ -228,14 +228,15 @@ def run_profile(profile_name: str, *, name: str | None = None, results_dir: str 
         todo = todo[:max_runs]
     logger.info("%s: %d runs done, %d to go -> %s", profile_name, len(done), len(todo), path)
     threads = max(1, cores // jobs)
+    commit = _git_commit()  # the code the runs use: taken when they start, not when each one ends
     progress = tqdm(total=len(todo), desc=f"bench {profile_name}")
     if jobs == 1:
         for run in todo:
-            append_record(path, _one_run(run, profile, model, data_dir, threads, command))
+            append_record(path, _one_run(run, profile, model, data_dir, threads, command, commit))
             progress.update()
     else:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(_one_run, run, profile, model, data_dir, threads, command) for run in todo]
+            futures = [pool.submit(_one_run, run, profile, model, data_dir, threads, command, commit) for run in todo]
             failures = []
             for future in as_completed(futures):  # record each run as soon as it finishes
                 try:
