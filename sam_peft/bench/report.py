@@ -15,7 +15,7 @@ from scipy import stats
 from ..plots import save_png, subplots
 from ..storage.io import write_text_atomic
 from .glue import read_records
-from .verdicts import claims_report
+from .verdicts import claims_report, common_seeds
 
 TASK_ORDER = ("cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc")
 
@@ -111,17 +111,13 @@ def table1(records: list[dict]) -> tuple[str, dict]:
     everything a comparison rests on: the comparable mean, both stds and the ranks."""
     records = [r for r in records if r.get("sparsity") in (None, 0.005)]
     methods = sorted({r["method"] for r in records})
-    # compare methods on the same runs: per task, only the seeds every method has finished
-    seeds_of = _by(records, "method", "task")
-    common = {t: set.intersection(*({r["seed"] for r in seeds_of.get((m, t), [])} for m in methods))
-              for t in {r["task"] for r in records}}
-    records = [r for r in records if r["seed"] in common[r["task"]]]
+    constant = mostly_constant(records)  # over all runs of a method on a task, as Table 5 and the claims count it
+    records = common_seeds(records)  # compare methods on the same runs: per task, the seeds every method finished
     cells = _by(records, "method", "task")
     # a partial results file: report the tasks every method has finished
     tasks = [t for t in tasks_in_order(records) if all(cells.get((m, t)) for m in methods)]
     if not tasks:
         return "No task has results for every method yet.", {}
-    constant = mostly_constant(records)
     comparable = [t for t in tasks if not any((m, t) in constant for m in methods)]
     summary = {}
     for method in methods:
