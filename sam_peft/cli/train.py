@@ -27,7 +27,9 @@ def add_parser(sub) -> None:
     train.add_argument("--batch-size", type=int, default=16)
     train.add_argument("--max-length", type=int, default=128)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--patience", type=int, default=3, help="early-stopping patience in evaluations")
+    train.add_argument("--patience", type=int, default=3,
+                       help="early-stopping patience in held-out evaluations, counted from the first one that beats "
+                       "the constant prediction's held-out score")
     train.add_argument("--eval-steps", type=int, help="evaluate on the held-out 10 %% every N steps")
     train.add_argument("--limit", type=int, help="use only the first N rows of each split (quick checks)")
     train.add_argument("--logging-steps", type=int, help="log the training loss every N steps")
