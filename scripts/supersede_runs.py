@@ -1,4 +1,5 @@
-"""Move the benchmark runs that early stopping ended on the constant-prediction plateau out of a results file.
+"""Move superseded benchmark runs out of a results file: those that early stopping ended on the constant-prediction
+plateau, and (with `--rates-from`) those made at a learning rate the search no longer chooses.
 
 Until commit "training: early stopping counts only after the model beats the constant prediction", a run stopped
 after `patience` held-out evaluations without improvement even when none had yet beaten the constant prediction's
@@ -7,7 +8,12 @@ changes nothing for a run that beat that score before stopping or that used its 
 that stopped early at or below it are moved, to `<name>-superseded.jsonl` beside the file, each with the reason;
 the runner then makes them again.
 
-    python scripts/supersede_plateau_stops.py benchmarks/results/lrsearch.jsonl --data-dir ../shared/data/glue
+When the search's own runs are made again, its choice can change: `--rates-from SEARCH.jsonl` also moves the runs
+whose method now has another chosen rate.
+
+    python scripts/supersede_runs.py benchmarks/results/lrsearch.jsonl --data-dir ../shared/data/glue
+    python scripts/supersede_runs.py benchmarks/results/evidence.jsonl --data-dir ../shared/data/glue \
+        --rates-from benchmarks/results/lrsearch.jsonl
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import json
 import math
 from pathlib import Path
 
+from sam_peft.bench.glue import choose_lrs
 from sam_peft.tasks import load_task
 from sam_peft.tasks.constant import constant_baseline
 
@@ -42,12 +49,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path)
     parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--rates-from", help="results of the learning-rate search whose choice the runs must use")
     args = parser.parse_args()
+    chosen = choose_lrs(args.rates_from) if args.rates_from else {}
     lines = [line for line in args.results.read_text().splitlines() if line.strip()]
     kept, moved, cache = [], [], {}
     for line in lines:
         record = json.loads(line)
         reason = plateau_stop(record, args.data_dir, cache)
+        rate = chosen.get(record["method"])
+        if reason is None and rate is not None and float(record["lr"]) != rate:
+            reason = f"made at learning rate {record['lr']:g}; {args.rates_from} now chooses {rate:g}"
         if reason is None:
             kept.append(line)
         else:
