@@ -18,6 +18,10 @@ class Arch:
     build: object  # () -> model
     kind: str  # causal | seq_cls | token_cls | qa | seq2seq | speech | image
     task_type: str | None
+    # False where the model feeds a Linear a transposed (non-contiguous) input: on some CPUs (AMD EPYC, torch
+    # 2.13) F.linear's bits then depend on where the input's buffer lies (48 of 64 storage offsets gave other bits
+    # for the same values), so the base model itself is reproducible only to rounding across allocations
+    exact: bool = True
 
 
 def _cfg(cls, **kw):

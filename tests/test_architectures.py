@@ -50,7 +50,7 @@ def test_lifecycle(arch, tmp_path):
     model = get_peft_model(base, _config(arch))
     model.eval()
     with torch.no_grad():
-        assert torch.equal(output(model, batches[0]), reference), "wrapping changed the model's output"
+        assert _same(arch, output(model, batches[0]), reference), "wrapping changed the model's output"
 
     model.train()
     model.base_model.model.eval()  # the base in eval mode: its dropouts stay off through the selection
@@ -67,7 +67,7 @@ def test_lifecycle(arch, tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(_base(arch), tmp_path).eval()
     with torch.no_grad():
-        assert torch.equal(output(reloaded, batches[0]), adapted), "save → reload changed the outputs"
+        assert _same(arch, output(reloaded, batches[0]), adapted), "save → reload changed the outputs"
     if arch.kind in GENERATIVE:
         generated = _generate(reloaded, arch, batches[0])
 
@@ -80,6 +80,11 @@ def test_lifecycle(arch, tmp_path):
         assert set(moved.tolist()) <= set(indices.tolist()), f"{name}: entries outside the selection moved"
     if arch.kind in GENERATIVE:
         assert torch.equal(_generate(merged, arch, batches[0]), generated)
+
+
+def _same(arch, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit; to rounding (1e-6) for a model whose own bits depend on buffer placement (`Arch.exact`)."""
+    return torch.equal(a, b) if arch.exact else torch.allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 def _generate(model, arch, batch) -> torch.Tensor:
