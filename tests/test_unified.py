@@ -275,12 +275,13 @@ def test_unified_profile_and_its_variants(monkeypatch):
 
     monkeypatch.setattr("sam_peft.training.run_training", fake_run)
     record = glue._one_run({"task": "rte", "method": "parallel_adapter_attn", "seed": 0, "sparsity": None},
-                           profile, None, None, 1, "")
+                           profile, None, None, 1, "", "abc1234")
     assert record["method"] == "parallel_adapter_attn" and record["settings"] == profile.settings
+    assert record["git_commit"] == "abc1234"  # the commit the runner started at
     assert seen["parallel_adapter"].pa_placement == "attention" and seen["parallel_adapter"].max_steps == 100
     for label in ("sequential_adapter_r96", "sam_mam_budget"):
         record = glue._one_run({"task": "rte", "method": label, "seed": 0, "sparsity": None}, profile, None, None, 1,
-                               "")
+                               "", "abc1234")
         assert record["method"] == label and record["variant_settings"] == glue.VARIANTS[label][1]
     assert (seen["parallel_adapter"].pa_style, seen["parallel_adapter"].pa_placement, seen["parallel_adapter"].pa_r) \
         == ("sequential", "both", 96)
