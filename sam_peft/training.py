@@ -262,6 +262,9 @@ def _load_encoded(task, settings: TrainSettings, model_path: str) -> tuple:
     from .tasks import encode, load_task
 
     splits = load_task(task, data_dir=settings.data_dir, seed=settings.seed, limit=settings.limit)
+    if len(splits["heldout"]) == 0:
+        raise ValueError(f"{task.name}: the held-out 10 % of {len(splits['train'])} training rows is empty, and early "
+                         "stopping and the final held-out evaluation need it; use a training file of 5 rows or more.")
     splits["train"] = _drop_rows(splits["train"], settings.drop_fraction, settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     encoded = {name: encode(task, tokenizer, ds, max_length=settings.max_length) for name, ds in splits.items()}
@@ -339,7 +342,7 @@ class EarlyStoppingAboveConstant(TrainerCallback):
     the first evaluation that beats `floor` (the constant prediction's held-out score).
 
     A model often scores exactly the constant prediction for its first evaluations (CoLA's Matthews correlation
-    stays 0 for about an epoch) before it learns; plain early stopping ends such a run on that plateau and keeps a
+    stays 0 for an epoch or more) before it learns; plain early stopping ends such a run on that plateau and keeps a
     constant model. Where a run has beaten the floor, this stops exactly where plain early stopping would.
     """
 

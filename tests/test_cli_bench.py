@@ -182,6 +182,22 @@ def test_evals_per_epoch_sets_the_evaluation_interval(tmp_path, data_dir, tiny_m
         TrainSettings(task="rte", output="x", evals_per_epoch=0)
 
 
+def test_an_empty_heldout_split_is_refused_before_anything_is_written(tmp_path, tiny_model):
+    from sam_peft.training import TrainSettings, run_training
+
+    tiny = tmp_path / "glue" / "RTE"
+    tiny.mkdir(parents=True)
+    rng = random.Random(0)
+    for split, n in (("train", 4), ("dev", 2)):  # 10 % of 4 rows rounds to none
+        rows = ["index\tsentence1\tsentence2\tlabel"] + [
+            f"{i}\t{_sentence(rng)}\t{_sentence(rng)}\t{['entailment', 'not_entailment'][i % 2]}" for i in range(n)]
+        (tiny / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match="held-out 10 % of 4 training rows is empty"):
+        run_training(TrainSettings(task="rte", output=str(tmp_path / "run"), model=str(tiny_model),
+                                   data_dir=str(tmp_path / "glue"), progress=False))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("method", ["adapter", "mixout", "childpruning", "diffpruning", "dps"])
 def test_train_runs_every_baseline(tmp_path, data_dir, tiny_model, method):
     from safetensors.torch import load_file
