@@ -251,6 +251,27 @@ def glue_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ]
     _write(root, "BoolQ/train.jsonl", _jsonl(boolq))
     _write(root, "BoolQ/val.jsonl", _jsonl(boolq[:2]))
+    # WNLI: header index,sentence1,sentence2,label with integer labels (1 = entailment).
+    wnli_header = ["index", "sentence1", "sentence2", "label"]
+    _write(root, "WNLI/train.tsv", _tsv([wnli_header] + [[str(i), f"S{i}.", f"T{i}.", str(i % 2)] for i in range(10)]))
+    _write(root, "WNLI/dev.tsv", _tsv([wnli_header, ["0", "I saw it.", "It saw me.", "1"]]))
+    wic = [
+        {
+            "word": "place",
+            "sentence1": f"Come to my place {i}.",
+            "sentence2": "There is no place for that.",
+            "idx": i,
+            "label": i % 2 == 1,
+            "start1": 11,
+            "end1": 16,
+            "start2": 12,
+            "end2": 17,
+            "version": 1.1,
+        }
+        for i in range(10)
+    ]
+    _write(root, "WiC/train.jsonl", _jsonl(wic))
+    _write(root, "WiC/val.jsonl", _jsonl(wic[:2]))
     return root
 
 
@@ -279,6 +300,8 @@ def test_specs_table() -> None:
         "copa",
         "wsc",
         "boolq",
+        "wnli",
+        "wic",
     }
     assert [n for n, s in TASKS.items() if s.is_multiple_choice] == ["copa"]
     assert [n for n, s in TASKS.items() if s.is_regression] == ["stsb"]
@@ -287,6 +310,12 @@ def test_specs_table() -> None:
     assert TASKS["rte"].hub_path == "nyu-mll/glue" and TASKS["boolq"].hub_path == "aps/super_glue"
     assert {s.benchmark for s in TASKS.values()} == {"glue", "super_glue"}
     assert TASKS["sst2"].local_dir == "SST-2" and TASKS["boolq"].local_dir == "BoolQ"
+
+
+def test_train_help_lists_every_task() -> None:
+    from sam_peft.cli.train import TASK_NAMES
+
+    assert TASK_NAMES.split(", ") == list(TASKS)
 
 
 def test_get_task_names_and_aliases() -> None:
@@ -333,6 +362,9 @@ def test_nli_label_maps(glue_dir: Path) -> None:
     assert mnli_train["text"][4] == "P4" and mnli_train["text_pair"][4] == "H4"
     _, cb_test = _official(glue_dir, "cb")
     assert cb_test["label"] == [0, 1, 2]  # entailment, contradiction, neutral (hub order)
+    wnli_train, wnli_test = _official(glue_dir, "wnli")
+    assert wnli_test[0] == {"text": "I saw it.", "text_pair": "It saw me.", "label": 1, "idx": 0}
+    assert wnli_train["label"][:2] == [0, 1] and get_task("wnli").label_names[1] == "entailment"
 
 
 def test_sst2_and_qqp(glue_dir: Path) -> None:
@@ -354,6 +386,16 @@ def test_superglue_jsonl(glue_dir: Path) -> None:
     _, boolq_test = _official(glue_dir, "boolq")
     assert boolq_test["text"] == ["is it 0", "is it 1"] and boolq_test["text_pair"][0] == "Passage 0."
     assert boolq_test["label"] == [1, 0]
+    wic_train, wic_test = _official(glue_dir, "wic")
+    assert wic_test.column_names == ["word", "text", "text_pair", "label", "idx"]
+    assert wic_test[1] == {
+        "word": "place",
+        "text": "Come to my place 1.",
+        "text_pair": "There is no place for that.",
+        "label": 1,
+        "idx": 1,
+    }
+    assert wic_train["label"][:2] == [0, 1]
 
 
 def test_missing_files_raise_file_not_found(tmp_path: Path) -> None:
@@ -396,6 +438,21 @@ def test_malformed_rows_name_file_and_line(tmp_path: Path) -> None:
 
 
 def _fake_hub(task: str) -> datasets.DatasetDict:
+    if task == "wic":
+        text = datasets.Value("string")
+        position = datasets.Value("int32")
+        feats = datasets.Features(
+            {"word": text, "sentence1": text, "sentence2": text, "start1": position, "start2": position,
+             "end1": position, "end2": position, "idx": position,
+             "label": datasets.ClassLabel(names=["False", "True"])}
+        )
+        rows = {
+            "word": ["bank"] * 10, "sentence1": [f"River bank {i}." for i in range(10)],
+            "sentence2": ["The bank lends."] * 10, "start1": [6] * 10, "start2": [4] * 10,
+            "end1": [10] * 10, "end2": [8] * 10, "idx": list(range(10)), "label": [i % 2 for i in range(10)],
+        }
+        split = datasets.Dataset.from_dict(rows, features=feats)
+        return datasets.DatasetDict(train=split, validation=split.select(range(3)))
     if task == "rte":
         feats = datasets.Features(
             {
@@ -439,7 +496,7 @@ def _fake_hub(task: str) -> datasets.DatasetDict:
     return datasets.DatasetDict(train=split, validation=split.select(range(4)))
 
 
-@pytest.mark.parametrize("task", ["rte", "wsc"])
+@pytest.mark.parametrize("task", ["rte", "wsc", "wic"])
 def test_hub_columns_are_normalised(task: str, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
@@ -451,11 +508,15 @@ def test_hub_columns_are_normalised(task: str, monkeypatch: pytest.MonkeyPatch) 
     splits = load_task(task, seed=3)
     spec = get_task(task)
     assert calls == [(spec.hub_path, spec.hub_config)]
-    assert {k: len(v) for k, v in splits.items()} == {"train": 9, "heldout": 1, "dev": 3 if task == "rte" else 4}
+    assert {k: len(v) for k, v in splits.items()} == {"train": 9, "heldout": 1, "dev": 4 if task == "wsc" else 3}
     for split in splits.values():
         assert split.features == features_for(task)
     if task == "rte":
         assert splits["dev"]["text_pair"][0] == "" and splits["dev"]["label"] == [0, 1, 0]
+    if task == "wic":
+        assert splits["dev"][1] == {
+            "word": "bank", "text": "River bank 1.", "text_pair": "The bank lends.", "label": 1, "idx": 1
+        }
 
 
 # --------------------------------------------------------------------------- splitting
@@ -609,6 +670,11 @@ def test_encode_pairs_and_single(tokenizer, glue_dir: Path) -> None:
     assert len(encode("sst2", tokenizer, long, max_length=16)[0]["input_ids"]) == 16
     with pytest.raises(ValueError, match="lacks columns"):
         encode("rte", tokenizer, long)
+    wic = encode("wic", tokenizer, load_task("wic", data_dir=glue_dir)["dev"])
+    assert tokenizer.decode(wic[0]["input_ids"], skip_special_tokens=True) == (
+        "place : come to my place 0. there is no place for that."
+    )
+    assert 1 in wic[0]["token_type_ids"] and wic["labels"] == [0, 1]
 
 
 def test_encode_wsc_and_copa(tokenizer, glue_dir: Path) -> None:

@@ -3,11 +3,13 @@
 Encoding choices (one per example layout):
 
 * **single sentence** (cola, sst2): ``tokenizer(text)``, the standard GLUE classification input.
-* **sentence pair** (mrpc, stsb, qqp, mnli, qnli, rte, cb, boolq): ``tokenizer(text, text_pair)``
+* **sentence pair** (mrpc, stsb, qqp, mnli, qnli, rte, wnli, cb, boolq): ``tokenizer(text, text_pair)``
   so the model sees both segments separated by its own separator (and segment ids where it has
   them). boolq puts the short question first and the passage second, so truncation
   (``longest_first``) shortens the passage rather than the question. stsb is regression: its
   ``labels`` are float32 scores for a single-output head (MSE loss).
+* **wic** (word in context): ``tokenizer(f"{word}: {sentence1}", sentence2)``: the target word
+  leads the first segment, so the classifier knows which word's senses to compare.
 * **copa** (multiple choice, for ``AutoModelForMultipleChoice``): every example yields two
   sequences, one per choice. Segment one is the premise with its final punctuation replaced by a
   connective that states the relation asked for (``" because"`` for *cause*, ``" so"`` for
@@ -38,7 +40,7 @@ import datasets
 import torch
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from sam_peft.tasks.specs import CHOICE, PAIR, SINGLE, SPANS, TaskSpec, resolve_task
+from sam_peft.tasks.specs import CHOICE, PAIR, SINGLE, SPANS, WORD_PAIR, TaskSpec, resolve_task
 
 __all__ = ["MultipleChoiceCollator", "collator_for", "copa_segments", "encode", "mark_wsc_spans"]
 
@@ -49,6 +51,7 @@ _REQUIRED = {
     PAIR: ("text", "text_pair", "label"),
     CHOICE: ("premise", "choice1", "choice2", "question", "label"),
     SPANS: ("text", "span1_text", "span1_index", "span2_text", "span2_index", "label"),
+    WORD_PAIR: ("word", "text", "text_pair", "label"),
 }
 _CONNECTIVES = {"cause": "because", "effect": "so"}
 
@@ -111,6 +114,9 @@ def _segments(spec: TaskSpec, batch: dict[str, list]) -> tuple[list[str], list[s
         return batch["text"], None, 1
     if spec.layout == PAIR:
         return batch["text"], batch["text_pair"], 1
+    if spec.layout == WORD_PAIR:
+        firsts = [f"{word}: {text}" for word, text in zip(batch["word"], batch["text"], strict=True)]
+        return firsts, batch["text_pair"], 1
     if spec.layout == CHOICE:
         firsts, seconds = [], []
         for premise, question, *choices in zip(

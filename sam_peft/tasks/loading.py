@@ -7,8 +7,9 @@ rest of. Every split has the same normalised columns,
 whichever source it came from (hub or local files):
 
 * single sentence (cola, sst2): ``text``, ``label``, ``idx``
-* pairs (mrpc, stsb, qqp, mnli, qnli, rte, cb, boolq): ``text``, ``text_pair``, ``label``, ``idx``
+* pairs (mrpc, stsb, qqp, mnli, qnli, rte, wnli, cb, boolq): ``text``, ``text_pair``, ``label``, ``idx``
   (boolq: question / passage; stsb's ``label`` is a float score in [0, 5])
+* wic: ``word``, ``text``, ``text_pair`` (sentence1 / sentence2), ``label``, ``idx``
 * copa: ``premise``, ``choice1``, ``choice2``, ``question``, ``label``, ``idx``
 * wsc: ``text``, ``span1_text``, ``span1_index``, ``span2_text``, ``span2_index``, ``label``, ``idx``
 """
@@ -23,7 +24,7 @@ import datasets
 import numpy as np
 
 from sam_peft.tasks.readers import read_local_file
-from sam_peft.tasks.specs import CHOICE, PAIR, SINGLE, TaskSpec, resolve_task
+from sam_peft.tasks.specs import CHOICE, PAIR, SINGLE, WORD_PAIR, TaskSpec, resolve_task
 
 __all__ = ["features_for", "load_task", "split_train_heldout"]
 
@@ -41,6 +42,8 @@ def features_for(task: str | TaskSpec) -> datasets.Features:
         cols = {"text": _STR}
     elif spec.layout == PAIR:
         cols = {"text": _STR, "text_pair": _STR}
+    elif spec.layout == WORD_PAIR:
+        cols = {"word": _STR, "text": _STR, "text_pair": _STR}
     elif spec.layout == CHOICE:
         cols = {"premise": _STR, "choice1": _STR, "choice2": _STR, "question": _STR}
     else:

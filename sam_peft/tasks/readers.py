@@ -87,6 +87,7 @@ _TSV: dict[str, tuple[bool, int, _TsvParser]] = {
     "mnli": (True, 11, lambda r: (r.get(8), r.get(9), r.mapped(-1, _MNLI))),
     "qnli": (True, 4, lambda r: (r.get(1), r.get(2), r.mapped(3, _NLI2))),
     "rte": (True, 4, lambda r: (r.get(1), r.get(2), r.mapped(3, _NLI2))),
+    "wnli": (True, 4, lambda r: (r.get(1), r.get(2), r.as_int(3))),
 }
 
 
@@ -136,6 +137,10 @@ def _pair_record(first: str, second: str) -> Callable[[_Row, dict[str, Any]], di
     return parse
 
 
+def _wic_record(row: _Row, rec: dict[str, Any]) -> dict[str, Any]:
+    return {"word": _field(row, rec, "word", str), **_pair_record("sentence1", "sentence2")(row, rec)}
+
+
 def _copa_record(row: _Row, rec: dict[str, Any]) -> dict[str, Any]:
     values = {key: _field(row, rec, key, str) for key in ("premise", "choice1", "choice2", "question")}
     if values["question"] not in ("cause", "effect"):
@@ -160,6 +165,7 @@ _JSONL: dict[str, Callable[[_Row, dict[str, Any]], dict[str, Any]]] = {
     "boolq": _pair_record("question", "passage"),
     "copa": _copa_record,
     "wsc": _wsc_record,
+    "wic": _wic_record,
 }
 
 

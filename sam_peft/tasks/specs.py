@@ -16,6 +16,8 @@ SUPER_GLUE_HUB = "aps/super_glue"
 
 #: Example layouts; they decide the normalised columns and the encoding.
 SINGLE, PAIR, CHOICE, SPANS = "single", "pair", "multiple_choice", "spans"
+#: A sentence pair about one target word (WiC): ``word``, ``text``, ``text_pair``.
+WORD_PAIR = "word_pair"
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,8 @@ class TaskSpec:
     """Everything the loaders, encoder and metrics need to know about one task.
 
     ``hub_columns`` are the hub's text columns, mapped in order onto ``text`` / ``text_pair``
-    (empty for copa and wsc, whose hub columns already match the normalised ones).
+    (empty for copa and wsc, whose hub columns already match the normalised ones; wic's ``word``
+    keeps its name).
     ``local_files`` are the official (train, dev) file names inside ``data_dir/<local_dir>/``.
     """
 
@@ -50,7 +53,7 @@ class TaskSpec:
     @property
     def is_pair(self) -> bool:
         """True when examples carry a ``text_pair`` column."""
-        return self.layout == PAIR
+        return self.layout in (PAIR, WORD_PAIR)
 
 
 _ACC = ("accuracy",)
@@ -175,6 +178,8 @@ TASKS: dict[str, TaskSpec] = {
         ),
         _glue("qnli", 2, _NLI2, PAIR, "QNLI", ("question", "sentence")),
         _glue("rte", 2, _NLI2, PAIR, "RTE", ("sentence1", "sentence2")),
+        # WNLI's label 1 is "entailment" (the reverse of RTE and QNLI), as on the hub.
+        _glue("wnli", 2, ("not_entailment", "entailment"), PAIR, "WNLI", ("sentence1", "sentence2")),
         _super_glue(
             "cb",
             ("entailment", "contradiction", "neutral"),
@@ -188,6 +193,7 @@ TASKS: dict[str, TaskSpec] = {
         # "wsc.fixed" is the hub's corrected copy of WSC (span texts repaired); same rows and labels.
         _super_glue("wsc", ("False", "True"), SPANS, "WSC", (), hub_config="wsc.fixed"),
         _super_glue("boolq", ("False", "True"), PAIR, "BoolQ", ("question", "passage")),
+        _super_glue("wic", ("False", "True"), WORD_PAIR, "WiC", ("sentence1", "sentence2")),
     )
 }
 
