@@ -60,6 +60,7 @@ class TrainSettings:
     warmup_ratio: float = 0.06
     lora_r: int = 8
     limit: int | None = None
+    train_rows: int | None = None  # train on this many random rows of the training split (held-out, dev whole)
     drop_fraction: float = 0.0
     train_eval_limit: int = 1000
     mixout_p: float = 0.9
@@ -88,6 +89,9 @@ class TrainSettings:
             raise ValueError("evals_per_epoch must be positive.")
         if self.batch_size <= 0 or self.max_length <= 0:
             raise ValueError("batch_size and max_length must be positive.")
+        if self.train_rows is not None and (isinstance(self.train_rows, bool) or not isinstance(self.train_rows, int)
+                                            or self.train_rows <= 0):
+            raise ValueError(f"train_rows must be a positive integer or None (all rows), got {self.train_rows!r}.")
         check_sparsity(self.sparsity)  # before any data is loaded
 
 
@@ -170,6 +174,16 @@ def _drop_rows(dataset, fraction: float, seed: int):
     return dataset.select(sorted(keep.tolist()))
 
 
+def _keep_rows(dataset, rows: int | None, seed: int):
+    """A random `rows` of the training rows (all when None or more than there are), in their original order."""
+    import numpy as np
+
+    if rows is None or rows >= len(dataset):
+        return dataset
+    keep = np.random.default_rng(20_000 + seed).permutation(len(dataset))[:rows]
+    return dataset.select(sorted(keep.tolist()))
+
+
 def run_training(settings: TrainSettings) -> dict:
     """Train, evaluate and write the outputs; returns the metrics dict written to metrics.json."""
     from transformers import set_seed
@@ -247,6 +261,7 @@ def run_training(settings: TrainSettings) -> dict:
         "delta_bytes": delta_bytes,
         "settings": settings_dict,
         "num_labels": task.num_labels,
+        "split_rows": {name: len(split) for name, split in encoded.items()},  # rows trained / evaluated on
         "status": "done",
         "log_history": trainer.state.log_history,
     }
@@ -266,6 +281,7 @@ def _load_encoded(task, settings: TrainSettings, model_path: str) -> tuple:
         raise ValueError(f"{task.name}: the held-out 10 % of {len(splits['train'])} training rows is empty, and early "
                          "stopping and the final held-out evaluation need it; use a training file of 5 rows or more.")
     splits["train"] = _drop_rows(splits["train"], settings.drop_fraction, settings.seed)
+    splits["train"] = _keep_rows(splits["train"], settings.train_rows, settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     encoded = {name: encode(task, tokenizer, ds, max_length=settings.max_length) for name, ds in splits.items()}
     return tokenizer, encoded

@@ -163,6 +163,18 @@ def test_bench_tasks_and_methods_replace_the_profiles_grid(tmp_path, data_dir, t
         append_record(other, {**record, "task": "sst2", "seed": seed, "profile": "evidence"})
     text = write_report([str(other)], str(tmp_path / "other.md")).read_text()
     assert "| method | sst2" in text and "No task has results" not in text
+    assert record["split_rows"] == {"train": 27, "heldout": 3, "dev": 9}
+    # --train-rows bounds the cost on a large task: a seeded subset of the training split, recorded in the settings
+    path = run_profile("lrsearch", name="rows", results_dir=str(tmp_path), model=str(tiny_model),
+                       data_dir=str(data_dir), tasks=["CB"], methods=["sam"], train_rows=10, max_runs=1)
+    (record,) = read_records(path)
+    assert record["split_rows"] == {"train": 10, "heldout": 3, "dev": 9}
+    assert record["settings"] == {**PROFILES["lrsearch"].settings, "train_rows": 10}
+    with pytest.raises(ValueError, match="other settings"):  # one results file holds one --train-rows
+        run_profile("lrsearch", name="rows", results_dir=str(tmp_path), model=str(tiny_model), tasks=["CB"],
+                    methods=["sam"], max_runs=0)
+    with pytest.raises(ValueError, match="--train-rows must be a positive integer"):
+        run_profile("lrsearch", results_dir=str(tmp_path), train_rows=0)
     with pytest.raises(ValueError, match="Unknown task 'nope'"):
         run_profile("lrsearch", results_dir=str(tmp_path), tasks=["nope"])
     with pytest.raises(ValueError, match="no learning-rate grid for bitfit"):
@@ -180,6 +192,8 @@ def test_evals_per_epoch_sets_the_evaluation_interval(tmp_path, data_dir, tiny_m
     assert steps[:3] == [5, 10, 15] and steps[3:] in ([], [18])  # transformers may add one at the last step
     with pytest.raises(ValueError, match="evals_per_epoch"):
         TrainSettings(task="rte", output="x", evals_per_epoch=0)
+    with pytest.raises(ValueError, match="train_rows must be a positive integer"):
+        TrainSettings(task="rte", output="x", train_rows=0)
 
 
 def test_an_empty_heldout_split_is_refused_before_anything_is_written(tmp_path, tiny_model):

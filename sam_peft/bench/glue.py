@@ -103,6 +103,7 @@ def _one_run(run: dict, profile: Profile, model: str | None, data_dir: str | Non
         "delta_bytes": metrics["delta_bytes"], "lr": settings.lr, "profile": profile.name,
         "method_facts": metrics.get("method_facts", {}), "global_steps": metrics.get("global_steps"),
         "train_metric": metrics.get("train_metrics", {}).get("primary"), "device": _device(),
+        "split_rows": metrics["split_rows"],
         # what a run needs to be trusted: the held-out curve, the dev predictions' class histogram (None for
         # regression), the best constant prediction's dev score and whether this run is one (sam_peft.tasks.constant),
         # the dev metric's 95 % bootstrap interval and whether it lies above that score (sam_peft.tasks.interval)
@@ -176,9 +177,14 @@ def _reuse(run: dict, profile: Profile, searched: list[dict], path: Path, model:
     return False
 
 
-def _with_grid(profile: Profile, tasks: list[str] | None, methods: list[str] | None) -> Profile:
+def _with_grid(profile: Profile, tasks: list[str] | None, methods: list[str] | None,
+               train_rows: int | None = None) -> Profile:
     """The profile with its tasks and methods replaced by those named (any known task or method, with the
-    profile's settings and seeds), in the order named."""
+    profile's settings and seeds), in the order named, and its runs trained on `train_rows` rows if given."""
+    if train_rows is not None:
+        if isinstance(train_rows, bool) or not isinstance(train_rows, int) or train_rows <= 0:
+            raise ValueError(f"--train-rows must be a positive integer, got {train_rows!r}.")
+        profile = dataclasses.replace(profile, settings={**profile.settings, "train_rows": train_rows})
     if tasks:
         profile = dataclasses.replace(profile, tasks=tuple(dict.fromkeys(get_task(t).name for t in tasks)))
     if methods:
@@ -192,16 +198,18 @@ def _with_grid(profile: Profile, tasks: list[str] | None, methods: list[str] | N
 
 def run_profile(profile_name: str, *, name: str | None = None, results_dir: str = "benchmarks/results",
                 model: str | None = None, data_dir: str | None = None, jobs: int = 1,
-                tasks: list[str] | None = None, methods: list[str] | None = None, max_runs: int | None = None,
-                lrs_from: str | None = None, command: str = "") -> Path:
+                tasks: list[str] | None = None, methods: list[str] | None = None, train_rows: int | None = None,
+                max_runs: int | None = None, lrs_from: str | None = None, command: str = "") -> Path:
     """Run (or continue) a profile; returns the results file.
 
     `tasks`, `methods`: the grid to run instead of the profile's (any known task, for instance one whose files
     only the caller has, and any method), with the profile's settings and seeds.
+    `train_rows`: train every run on that many random rows of the training split (a setting of the runs: a
+    results file holds runs of one value, and a search's runs are reused only at the same value).
     `lrs_from`: a results file of a learning-rate search (lrgrid, lrsearch); each method then uses the learning rate
     it chose. A profile that names its search (`Profile.lrs_from`) runs only with one that covers all its methods.
     """
-    profile = _with_grid(PROFILES[profile_name], tasks, methods)
+    profile = _with_grid(PROFILES[profile_name], tasks, methods, train_rows)
     if profile.lrs_from and not lrs_from:
         raise ValueError(f"profile {profile_name!r} takes its learning rates from the {profile.lrs_from} profile's "
                          f"results: pass --lrs-from {results_dir}/{profile.lrs_from}.jsonl.")

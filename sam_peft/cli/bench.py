@@ -28,6 +28,9 @@ def add_parser(sub) -> None:
     glue.add_argument("--methods", nargs="+", choices=[*METHODS, *VARIANTS], metavar="METHOD",
                       help="run these methods instead of the profile's: " + describe_methods() + "; variants: "
                       + ", ".join(VARIANTS))
+    glue.add_argument("--train-rows", type=int,
+                      help="train every run on N random rows of the training split (seeded; held-out and dev stay "
+                           "whole): the protocol on a large task at a bounded cost; recorded in each run's settings")
     glue.add_argument("--max-runs", type=int, help="stop after this many new runs (run a profile in parts)")
     glue.add_argument("--lrs-from", help="results file of a learning-rate search (lrgrid, lrsearch): use each "
                                          "method's chosen learning rate")
@@ -52,7 +55,8 @@ def run_glue(args: argparse.Namespace) -> int:
 
     path = run_profile(args.profile, name=args.name, results_dir=args.results_dir, model=args.model,
                        data_dir=args.data_dir, jobs=args.jobs, tasks=args.tasks, methods=args.methods,
-                       max_runs=args.max_runs, lrs_from=args.lrs_from, command=_portable_command(sys.argv[1:]))
+                       train_rows=args.train_rows, max_runs=args.max_runs, lrs_from=args.lrs_from,
+                       command=_portable_command(sys.argv[1:]))
     print(f"results in {path}")
     return 0
 

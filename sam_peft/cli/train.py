@@ -34,6 +34,8 @@ def add_parser(sub) -> None:
                        "the constant prediction's held-out score")
     train.add_argument("--eval-steps", type=int, help="evaluate on the held-out 10 %% every N steps")
     train.add_argument("--limit", type=int, help="use only the first N rows of each split (quick checks)")
+    train.add_argument("--train-rows", type=int,
+                       help="train on N random rows of the training split (seeded); held-out and dev stay whole")
     train.add_argument("--logging-steps", type=int, help="log the training loss every N steps")
     train.add_argument("--reproject-every", type=int,
                        help="diffpruning: keep the relaxed phase and re-project the diff every N steps (Fig. 3)")
@@ -59,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         sparsity=args.sparsity, allocation=args.allocation, burn_in_steps=args.burn_in_steps, epochs=args.epochs,
         max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
         seed=args.seed, patience=args.patience, eval_steps=args.eval_steps, limit=args.limit,
-        reproject_every=args.reproject_every, logging_steps=args.logging_steps, progress=not args.no_progress,
+        train_rows=args.train_rows, reproject_every=args.reproject_every, logging_steps=args.logging_steps,
+        progress=not args.no_progress,
         pa_style=args.pa_style, pa_placement=args.pa_placement, pa_r=args.pa_r, pa_scaling=args.pa_scaling,
         prefix_length=args.prefix_length, overwrite=args.overwrite,
     )
