@@ -21,8 +21,9 @@ from torch import nn
 from .ranking.signals import SELECTIONS, SIGNALS
 from .tuner import SparseDiffConfig
 
-# Default learning rates: 1e-3 for the parameter-efficient methods and 5e-5 for the dense ones (a starting point,
-# not tuned: no results file holds a search behind them, docs/results.md); benchmarks choose theirs on a grid.
+# Default learning rates: 1e-3 for the parameter-efficient methods and 5e-5 for the dense ones (a starting point;
+# the `lrsearch` profile chose these for sam and full, and 3e-4 for lora, 3e-3 for random: docs/results.md);
+# benchmarks choose theirs on a grid (`--lrs-from`).
 EFFICIENT_LR, DENSE_LR = 1e-3, 5e-5
 
 
